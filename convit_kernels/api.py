@@ -1,0 +1,103 @@
+"""``gpsa_attention``: the public, dispatching entry point."""
+from __future__ import annotations
+
+import torch
+
+from .backends import resolve_backend
+
+__all__ = ["gpsa_attention", "validate_gpsa_inputs"]
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name, t, ndim, shape_doc):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}; got {type(t).__name__}")
+    if not t.is_floating_point() or t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float64/32/16 or bfloat16); got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc}; got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale):
+    """Check the arguments of ``gpsa_attention``; return ``(rows, cols, scale)`` resolved.
+
+    Raises TypeError/ValueError naming the offending argument and what was expected.
+    """
+    _check_tensor("q", q, 4, "(B, H, N, D)")
+    B, H, N, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, 4, f"(B, H, N, D) = {tuple(q.shape)}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}; got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}); got {t.dtype}")
+    _check_tensor("pos_weight", pos_weight, 2, f"(H, 3) = ({H}, 3)")
+    if tuple(pos_weight.shape) != (H, 3):
+        raise ValueError(f"pos_weight must have shape (H, 3) = ({H}, 3); got {tuple(pos_weight.shape)}")
+    for name, t in (("pos_bias", pos_bias), ("gating", gating)):
+        _check_tensor(name, t, 1, f"(H,) = ({H},)")
+        if tuple(t.shape) != (H,):
+            raise ValueError(f"{name} must have shape (H,) = ({H},); got {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v), ("pos_weight", pos_weight), ("pos_bias", pos_bias), ("gating", gating)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}); got {t.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1); got strides {t.stride()}")
+    if N == 0 or D == 0 or H == 0:
+        raise ValueError(f"q must have H, N and D >= 1; got shape {tuple(q.shape)}")
+    if not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2:
+        raise TypeError(f"grid_size must be a (rows, cols) pair of ints; got {grid_size!r}")
+    rows, cols = grid_size
+    if isinstance(rows, bool) or isinstance(cols, bool) or not all(isinstance(x, int) for x in (rows, cols)):
+        raise TypeError(f"grid_size must be a (rows, cols) pair of ints; got {grid_size!r}")
+    if rows < 1 or cols < 1 or rows * cols != N:
+        raise ValueError(f"grid_size (rows, cols) must satisfy rows * cols == N = {N}; got {grid_size!r}")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    elif not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return int(rows), int(cols), float(scale)
+
+
+def gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, backend="auto"):
+    """Gated positional self-attention (ConViT), all heads at once.
+
+    Per head h, with ``s = sigmoid(gating[h])`` and ``r_ij = (dx, dy, dx^2 + dy^2)`` the offset of
+    key j from query i on the ``grid_size`` patch grid (row-major patches)::
+
+        out = ((1 - s) softmax(q k^T * scale) + s softmax(r . pos_weight[h] + pos_bias[h])) @ v
+
+    Args:
+        q, k, v: (B, H, N, D), float64/float32/float16/bfloat16, one dtype, one device. Any strides
+            with the last dimension contiguous (views of a fused projection are fine).
+        pos_weight: (H, 3), the ``pos_proj.weight`` of the official GPSA.
+        pos_bias: (H,), ``pos_proj.bias``. It cancels inside the softmax: its gradient is zero.
+        gating: (H,), the raw ``gating_param`` (not its sigmoid).
+        grid_size: (rows, cols), ints with rows * cols == N; non-square grids are allowed.
+        scale: the content logit scale; ``None`` means ``D ** -0.5``.
+        backend: "auto" (the fastest available backend for the tensors' device), "reference",
+            "cpu", "cuda" or "triton". See ``available_backends`` and ``backend_status``.
+
+    Returns:
+        (B, H, N, D) in q's dtype, differentiable in q, k, v, pos_weight, pos_bias and gating.
+        Fused backends return it laid out as (B, N, H, D) in memory, so that
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free.
+
+    Raises:
+        TypeError / ValueError naming the argument for malformed input or an unusable backend.
+
+    Example::
+
+        >>> import torch, convit_kernels as ck
+        >>> q, k, v = (torch.randn(2, 4, 196, 48) for _ in range(3))
+        >>> w, b, g = torch.randn(4, 3), torch.zeros(4), torch.ones(4)
+        >>> ck.gpsa_attention(q, k, v, w, b, g, grid_size=(14, 14)).shape
+        torch.Size([2, 4, 196, 48])
+    """
+    rows, cols, scale = validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale)
+    impl = resolve_backend(backend, q.device, q.dtype)
+    return impl.fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale)

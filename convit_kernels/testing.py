@@ -1,0 +1,89 @@
+"""Helpers shared by the tests and the benchmarks: random GPSA inputs and error reports."""
+from __future__ import annotations
+
+import torch
+
+from .reference import gpsa_reference
+
+__all__ = ["make_gpsa_inputs", "max_error", "assert_close", "reference_errors"]
+
+
+def make_gpsa_inputs(B, H, N, D, grid_size=None, dtype=torch.float32, device="cpu", requires_grad=False,
+                     layout="bhnd", generator=None):
+    """Fresh random GPSA inputs (never zeros): ``(q, k, v, pos_weight, pos_bias, gating, grid_size)``.
+
+    ``layout="bnhd"`` returns q, k, v as (B, H, N, D) views of (B, N, H, D) storage (what the
+    model's projections give: strided, last dim contiguous). pos_weight mimics a trained GPSA
+    (a local head with a random centre and strength plus noise) so both softmaxes matter.
+    """
+    if grid_size is None:
+        side = int(round(N ** 0.5))
+        grid_size = (side, side) if side * side == N else (1, N)
+    g = generator
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device)
+
+    if layout == "bhnd":
+        q, k, v = (rnd(B, H, N, D).to(dtype) for _ in range(3))
+    elif layout == "bnhd":
+        q, k, v = (rnd(B, N, H, D).to(dtype).transpose(1, 2) for _ in range(3))
+    else:
+        raise ValueError(f"layout must be 'bhnd' or 'bnhd'; got {layout!r}")
+    alpha = 0.2 + rnd(H).abs()
+    centre = 2 * rnd(H, 2)
+    pos_weight = torch.stack([2 * alpha * centre[:, 0], 2 * alpha * centre[:, 1], -alpha], dim=1) + 0.1 * rnd(H, 3)
+    pos_bias = rnd(H)
+    gating = rnd(H)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    params = [t.to(pdtype) for t in (pos_weight, pos_bias, gating)]
+    tensors = [q, k, v] + params
+    if requires_grad:
+        tensors = [t.detach().requires_grad_(True) for t in tensors]
+    return (*tensors, tuple(grid_size))
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_close(actual, expected, atol, rtol=0.0, name="tensor"):
+    """Like torch.testing.assert_close, with a message giving max error, where, and the tolerance."""
+    a, e = actual.double(), expected.double()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        worst = tuple(int(i) for i in torch.nonzero(err == err.max())[0]) if err.numel() else ()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{err.numel()} elements out of tolerance (atol={atol:g}, rtol={rtol:g}); "
+            f"max abs error {err.max().item():.3e} at {worst}; first failure at {idx}: "
+            f"got {a[idx].item():.6g}, expected {e[idx].item():.6g}")
+
+
+def reference_errors(inputs, low_dtype, grad_out=None):
+    """Errors of the reference run in ``low_dtype`` against the float64 reference.
+
+    ``inputs``: (q, k, v, pos_weight, pos_bias, gating, grid_size) in any dtype. Returns
+    ``(ref64_out, ref64_grads, low_err_out, low_err_grads)``: the float64 output and six gradients
+    (for ``grad_out``, random if None) and the max errors of the same computation done by the
+    reference in ``low_dtype`` (q, k, v in ``low_dtype``, parameters in float32). This is the yard
+    stick of the low-precision rule: a fused kernel may err at most a small multiple of it.
+    """
+    *tensors, grid = inputs
+
+    def run(dtype, pdtype):
+        ts = [t.detach().to(dtype if i < 3 else pdtype).requires_grad_(True) for i, t in enumerate(tensors)]
+        out = gpsa_reference(*ts, grid)
+        grads = torch.autograd.grad(out, ts, grad_out.to(out.dtype), allow_unused=True)
+        return out, [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, ts)]
+
+    if grad_out is None:
+        g = torch.Generator().manual_seed(0)
+        grad_out = torch.randn(tensors[0].shape, generator=g).to(tensors[0].device)
+    out64, grads64 = run(torch.float64, torch.float64)
+    out_lo, grads_lo = run(low_dtype, torch.float32)
+    return out64, grads64, max_error(out_lo, out64), [max_error(a, b) for a, b in zip(grads_lo, grads64)]
