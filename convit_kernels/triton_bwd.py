@@ -1,0 +1,330 @@
+"""Triton backward kernels of GPSA and their launcher (math: DESIGN.md section 1).
+
+With g = dL/d out, s = sigmoid(gating), P_c / P_pos the content / positional softmaxes and
+M = (1 - s) P_c + s P_pos:
+
+    dV = M^T g;  dM = g V^T;  delta_c,i = rowsum(P_c dM)_i;  delta_p,i = rowsum(P_pos dM)_i
+    dS = (1 - s) P_c (dM - delta_c);  dQ = scale dS K;  dK = scale dS^T Q
+    dZ = s P_pos (dM - delta_p);  dw_h = sum dZ_ij r_ij;  dg_h = s (1 - s) sum_i (delta_p,i - delta_c,i)
+
+Two kernels, no atomics, so the result is bitwise reproducible:
+
+- ``_gpsa_bwd_dq_kernel``, parallel over query blocks: the row sums delta_c, delta_p (one sweep
+  over the keys, or none extra on the whole-row path where the program holds the full rows), dQ,
+  and per-program partial sums of dw_h (3 values) and dg_h (1 value) written to a buffer.
+- ``_gpsa_bwd_dkv_kernel``, parallel over key blocks: dK and dV, sweeping the queries with the
+  delta_c written by the first kernel.
+
+The partial sums are reduced by torch in a fixed order (a plain sum over batch and blocks).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import (
+    INTERPRET, _cfg, _configs, _load_rows, _mm, _rel_offsets, _rel_offsets_t, _scores, _store_rows,
+    choose_path, head_dim_split, pos_stats_launch,
+)
+
+__all__ = ["gpsa_bwd_launch"]
+
+_DQ_CONFIGS = _configs(
+    [_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8, 2), _cfg(64, 4, 2)],
+    _cfg(16, 4),
+)
+# Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.
+_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_CONFIGS)
+
+_DKV_CONFIGS = _configs(
+    [_cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64),
+     _cfg(64, 8, 2, BLOCK_N=64), _cfg(64, 4, 3, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)],
+    _cfg(16, 4, 1, BLOCK_N=16),
+)
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    whole = kwargs.get("WHOLE_ROW", named_args.get("WHOLE_ROW"))
+    keep = [c for c in configs if not whole or c.kwargs["BLOCK_M"] * block_n <= 32 * 256]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=["N", "HEAD_DIM", "WHOLE_ROW", "BLOCK_N"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_dq})
+@triton.jit
+def _gpsa_bwd_dq_kernel(
+    Q, K, V, DO, LSE, POS_LSE, W, G, DQ, DELTA, PART,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N, cols, scale, n_part,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dQ, delta_c / delta_p and the dw/dg partials of BLOCK_M queries of one (batch, head).
+
+    Grid: (cdiv(N, BLOCK_M), B * H). DELTA is (2, B*H, N) float32; PART is (B*H, n_part, 4) float32
+    and this program writes slot [bh, pid_m] = (dw0, dw1, dw2, sum_i delta_p - delta_c).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    g_base = DO + b * stride_gb + h * stride_gh
+    w0 = tl.load(W + h * 3 + 0)
+    w1 = tl.load(W + h * 3 + 1)
+    w2 = tl.load(W + h * 3 + 2)
+    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+    k_ty = K.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, N, HEAD_DIM)
+    g0 = _load_rows(g_base, offs_m, stride_gn, offs_d0, N, HEAD_DIM)
+    q1 = q0
+    g1 = g0
+    if D1 > 0:
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
+        g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
+    # +inf for rows past N makes both probabilities 0 there.
+    lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf"))
+    lse_p = tl.load(POS_LSE + h * N + offs_m, mask=row_ok, other=float("inf"))
+
+    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+    acc_w0 = tl.zeros([BLOCK_M], tl.float32)
+    acc_w1 = tl.zeros([BLOCK_M], tl.float32)
+    acc_w2 = tl.zeros([BLOCK_M], tl.float32)
+    if WHOLE_ROW:
+        offs_n = tl.arange(0, BLOCK_N)
+        valid = offs_n[None, :] < N
+        k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+        v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+        k1 = k0
+        v1 = v0
+        if D1 > 0:
+            k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+            v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+        s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+        p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+        dx, dy = _rel_offsets(offs_m, offs_n, cols)
+        r2 = dx * dx + dy * dy
+        p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * r2 - lse_p[:, None]), 0.0)
+        dm = _scores(g0, g1, v0, v1, D1, IEEE)
+        delta_c = tl.sum(p_c * dm, 1)
+        delta_p = tl.sum(p_pos * dm, 1)
+        ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k_ty)
+        dz = gate * p_pos * (dm - delta_p[:, None])
+        dq0 = _mm(ds, k0, dq0, IEEE)
+        if D1 > 0:
+            dq1 = _mm(ds, k1, dq1, IEEE)
+        acc_w0 = tl.sum(dz * dx, 1)
+        acc_w1 = tl.sum(dz * dy, 1)
+        acc_w2 = tl.sum(dz * r2, 1)
+    else:
+        delta_c = tl.zeros([BLOCK_M], tl.float32)
+        delta_p = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            valid = offs_n[None, :] < N
+            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+            v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+            k1 = k0
+            v1 = v0
+            if D1 > 0:
+                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+                v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+            p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+            dx, dy = _rel_offsets(offs_m, offs_n, cols)
+            p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy) - lse_p[:, None]), 0.0)
+            dm = _scores(g0, g1, v0, v1, D1, IEEE)
+            delta_c += tl.sum(p_c * dm, 1)
+            delta_p += tl.sum(p_pos * dm, 1)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            valid = offs_n[None, :] < N
+            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+            v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+            k1 = k0
+            v1 = v0
+            if D1 > 0:
+                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+                v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+            p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+            dx, dy = _rel_offsets(offs_m, offs_n, cols)
+            r2 = dx * dx + dy * dy
+            p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * r2 - lse_p[:, None]), 0.0)
+            dm = _scores(g0, g1, v0, v1, D1, IEEE)
+            ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k_ty)
+            dz = gate * p_pos * (dm - delta_p[:, None])
+            dq0 = _mm(ds, k0, dq0, IEEE)
+            if D1 > 0:
+                dq1 = _mm(ds, k1, dq1, IEEE)
+            acc_w0 += tl.sum(dz * dx, 1)
+            acc_w1 += tl.sum(dz * dy, 1)
+            acc_w2 += tl.sum(dz * r2, 1)
+
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    _store_rows(dq_base, (dq0 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, N, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dq_base, (dq1 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, N, HEAD_DIM)
+    tl.store(DELTA + bh * N + offs_m, delta_c, mask=row_ok)
+    part = PART + (bh * n_part + pid_m) * 4
+    tl.store(part + 0, tl.sum(acc_w0, 0))
+    tl.store(part + 1, tl.sum(acc_w1, 0))
+    tl.store(part + 2, tl.sum(acc_w2, 0))
+    tl.store(part + 3, tl.sum(tl.where(row_ok, delta_p - delta_c, 0.0), 0))
+
+
+@triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])
+@triton.jit
+def _gpsa_bwd_dkv_kernel(
+    Q, K, V, DO, LSE, POS_LSE, DELTA, W, G, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_gb, stride_gh, stride_gn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    H, N, cols, scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dK and dV of BLOCK_N keys of one (batch, head), sweeping all queries BLOCK_M at a time.
+
+    Grid: (cdiv(N, BLOCK_N), B * H). Works on transposed tiles [key, query] so that both products
+    (dV += M^T g, dK += dS^T Q) are plain matmuls.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    g_base = DO + b * stride_gb + h * stride_gh
+    w0 = tl.load(W + h * 3 + 0)
+    w1 = tl.load(W + h * 3 + 1)
+    w2 = tl.load(W + h * 3 + 2)
+    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+    q_ty = Q.dtype.element_ty
+    g_ty = DO.dtype.element_ty
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = offs_n[:, None] < N
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+    k1 = k0
+    v1 = v0
+    if D1 > 0:
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 16], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, N, HEAD_DIM)
+        g0 = _load_rows(g_base, offs_m, stride_gn, offs_d0, N, HEAD_DIM)
+        q1 = q0
+        g1 = g0
+        if D1 > 0:
+            q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
+            g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
+        lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf"))
+        lse_p = tl.load(POS_LSE + h * N + offs_m, mask=row_ok, other=float("inf"))
+        delta_c = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+        s_t = _scores(k0, k1, q0, q1, D1, IEEE) * scale
+        p_c = tl.where(key_ok, tl.exp(s_t - lse_c[None, :]), 0.0)
+        dx, dy = _rel_offsets_t(offs_n, offs_m, cols)
+        p_pos = tl.where(key_ok, tl.exp(w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy) - lse_p[None, :]), 0.0)
+        mix = (p_c + gate * (p_pos - p_c)).to(g_ty)
+        dv0 = _mm(mix, g0, dv0, IEEE)
+        if D1 > 0:
+            dv1 = _mm(mix, g1, dv1, IEEE)
+        dm = _scores(v0, v1, g0, g1, D1, IEEE)
+        ds = ((1.0 - gate) * p_c * (dm - delta_c[None, :])).to(q_ty)
+        dk0 = _mm(ds, q0, dk0, IEEE)
+        if D1 > 0:
+            dk1 = _mm(ds, q1, dk1, IEEE)
+
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    _store_rows(dk_base, (dk0 * scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d0, N, HEAD_DIM)
+    _store_rows(dv_base, dv0.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d0, N, HEAD_DIM)
+    if D1 > 0:
+        _store_rows(dk_base, (dk1 * scale).to(DK.dtype.element_ty), offs_n, stride_dkn, offs_d1, N, HEAD_DIM)
+        _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, N, HEAD_DIM)
+
+
+def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols: int, scale: float,
+                    block_n: int = 0, wrap=lambda kernel: kernel):
+    """Run the backward; returns ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``.
+
+    grad_out, q, k, v: (B, H, N, D), last dim contiguous; lse: (B, H, N) float32 from the forward;
+    pos_weight (H, 3), gating (H,): float32. grad_q/k/v come back in q's dtype as transpose(1, 2)
+    views of (B, N, H, D) storage; grad_pos_weight (H, 3) and grad_gating (H,) in float32.
+    ``block_n`` must be the value the forward used (it picks the same path).
+    """
+    B, H, N, D = q.shape
+    d0, d1 = head_dim_split(D)
+    whole_row, bn = choose_path(N, block_n)
+    pos_weight = pos_weight.contiguous()
+    gating = gating.contiguous()
+    grads = [torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3)]
+    dq, dk, dv = grads
+    if B == 0:
+        zeros = torch.zeros_like(pos_weight), torch.zeros_like(gating)
+        return dq, dk, dv, *zeros
+    pos_lse = pos_stats_launch(pos_weight, N, cols, wrap)
+    delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
+    n_part = triton.cdiv(N, _DQ_MIN_BLOCK_M)
+    part = torch.zeros((B * H, n_part, 4), device=q.device, dtype=torch.float32)
+    ieee = q.dtype == torch.float32
+
+    def dq_grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    def dkv_grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+
+    wrap(_gpsa_bwd_dq_kernel)[dq_grid](
+        q, k, v, grad_out, lse, pos_lse, pos_weight, gating, dq, delta, part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, N, cols, scale, n_part,
+        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_N=bn, WHOLE_ROW=whole_row, IEEE=ieee,
+    )
+    wrap(_gpsa_bwd_dkv_kernel)[dkv_grid](
+        q, k, v, grad_out, lse, pos_lse, delta, pos_weight, gating, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H, N, cols, scale,
+        HEAD_DIM=D, D0=d0, D1=d1, IEEE=ieee,
+    )
+    # Fixed-order reduction of the per-program partials (no atomics): over batch and query blocks.
+    sums = part.view(B, H, n_part, 4).sum(dim=(0, 2))
+    sig = torch.sigmoid(gating)
+    return dq, dk, dv, sums[:, :3].contiguous(), sums[:, 3] * sig * (1.0 - sig)

@@ -1,0 +1,330 @@
+"""Triton forward kernels of GPSA and their launchers.
+
+Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
+
+- ``_gpsa_pos_stats_kernel``: the log-sum-exp of the positional logits of every (head, query),
+  (H, N) float32. The positional softmax does not depend on the batch, so this is done once per
+  call and costs H x N x N exponentials, nothing next to the attention itself.
+- ``_gpsa_fwd_kernel``: one program = BLOCK_M queries of one (batch, head). Positional logits are
+  formed in registers from the row/col indices of the patch grid; nothing of size N x N is read.
+  Whole-row path (``WHOLE_ROW``, N <= 256): the program holds the full rows of scores, takes the
+  exact content softmax, mixes it with the exact positional probabilities and does ONE matmul with
+  V. Tiled path: online softmax for the content branch over key blocks, the positional branch
+  (exact thanks to the precomputed statistics) accumulated beside it, mixed at the end.
+
+The head dimension is split into two power-of-two chunks, D0 + D1 (48 = 32 + 16, 80 = 64 + 16,
+96 = 64 + 32), so D = 48 runs without padding to 64. Other D are covered by masking the second
+chunk (e.g. 56 = 32 + 32 masked). Accumulation is float32; fp32 inputs use IEEE dots (no TF32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gpsa_fwd_launch", "pos_stats_launch", "head_dim_split", "INTERPRET", "WHOLE_ROW_MAX_N"]
+
+# Read once: triton.jit decides at decoration time whether kernels run under the interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The whole-row path holds BLOCK_M x next_pow2(N) scores in registers; beyond 256 keys it would spill.
+WHOLE_ROW_MAX_N = 256
+MAX_HEAD_DIM = 128
+
+
+def head_dim_split(D: int) -> tuple[int, int]:
+    """(D0, D1): the two chunk widths the kernels use for head dim D (D1 == 0: one chunk).
+
+    D0 is the largest power of two <= D (at least 16, the smallest ``tl.dot`` size); D1 covers the
+    rest, rounded up to a power of two >= 16 (exact for D = 48, 80, 96, 112 - 16).
+    """
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"the triton backend supports head dims 1..{MAX_HEAD_DIM}; got D = {D}")
+    d0 = max(16, 1 << (D.bit_length() - 1))
+    rest = D - d0
+    d1 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return d0, d1
+
+
+def _configs(whole_row_configs, interpret_config):
+    return [interpret_config] if INTERPRET else whole_row_configs
+
+
+def _cfg(block_m, warps, stages=1, **extra):
+    return triton.Config(dict(BLOCK_M=block_m, **extra), num_warps=warps, num_stages=stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with the backward (triton_bwd imports them).
+
+
+@triton.jit
+def _load_rows(base, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    """A (len(offs_r), len(offs_d)) tile of a row-major (rows, HEAD_DIM) matrix, zero-padded."""
+    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, val, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :], val, mask=mask)
+
+
+@triton.jit
+def _rel_offsets(offs_q, offs_k, cols):
+    """dx, dy (float32, [query, key]) of keys ``offs_k`` seen from queries ``offs_q``."""
+    rq = offs_q // cols
+    cq = offs_q - rq * cols
+    rk = offs_k // cols
+    ck = offs_k - rk * cols
+    dx = (ck[None, :] - cq[:, None]).to(tl.float32)
+    dy = (rk[None, :] - rq[:, None]).to(tl.float32)
+    return dx, dy
+
+
+@triton.jit
+def _rel_offsets_t(offs_k, offs_q, cols):
+    """dx, dy (float32, [key, query]): the transpose of ``_rel_offsets(offs_q, offs_k)``."""
+    rq = offs_q // cols
+    cq = offs_q - rq * cols
+    rk = offs_k // cols
+    ck = offs_k - rk * cols
+    dx = (ck[:, None] - cq[None, :]).to(tl.float32)
+    dy = (rk[:, None] - rq[None, :]).to(tl.float32)
+    return dx, dy
+
+
+@triton.jit
+def _scores(a0, a1, b0, b1, D1: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b^T over the two head-dim chunks, float32."""
+    if IEEE:
+        s = tl.dot(a0, tl.trans(b0), input_precision="ieee")
+        if D1 > 0:
+            s += tl.dot(a1, tl.trans(b1), input_precision="ieee")
+    else:
+        s = tl.dot(a0, tl.trans(b0))
+        if D1 > 0:
+            s += tl.dot(a1, tl.trans(b1))
+    return s
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b (float32 accumulation)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# --------------------------------------------------------------------------------------------
+# Positional statistics: once per call, shared by every batch element.
+
+
+@triton.jit
+def _gpsa_pos_stats_kernel(W, POS_LSE, N, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """POS_LSE[h, i] = logsumexp_j(w_h . r_ij) for BLOCK_M queries i of head h = program_id(1).
+
+    Grid: (cdiv(N, BLOCK_M), H). The bias b_h cancels in the softmax and is left out.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    w0 = tl.load(W + h * 3 + 0)
+    w1 = tl.load(W + h * 3 + 1)
+    w2 = tl.load(W + h * 3 + 2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dx, dy = _rel_offsets(offs_m, offs_n, cols)
+        z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
+        z = tl.where(offs_n[None, :] < N, z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(POS_LSE + h * N + offs_m, m_i + tl.log(l_i), mask=offs_m < N)
+
+
+def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+    """(H, N) float32 log-sum-exp of the positional logits; ``pos_weight`` (H, 3) float32 contiguous."""
+    H = pos_weight.shape[0]
+    pos_lse = torch.empty((H, N), device=pos_weight.device, dtype=torch.float32)
+    block_m = 16 if INTERPRET else 64
+    block_n = 16 if INTERPRET else 64
+    wrap(_gpsa_pos_stats_kernel)[(triton.cdiv(N, block_m), H)](
+        pos_weight, pos_lse, N, cols, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return pos_lse
+
+
+# --------------------------------------------------------------------------------------------
+# The forward kernel.
+
+_FWD_CONFIGS = _configs(
+    [_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8), _cfg(64, 4, 2), _cfg(128, 8, 2)],
+    _cfg(16, 4),
+)
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # The whole-row path keeps BLOCK_M x BLOCK_N scores live in several copies: cap the tile.
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    whole = kwargs.get("WHOLE_ROW", named_args.get("WHOLE_ROW"))
+    keep = [c for c in configs if not whole or c.kwargs["BLOCK_M"] * block_n <= 64 * 256]
+    return keep or configs[:1]
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM", "WHOLE_ROW", "BLOCK_N"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_fwd})
+@triton.jit
+def _gpsa_fwd_kernel(
+    Q, K, V, OUT, LSE, POS_LSE, W, G,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, cols, scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """GPSA output for BLOCK_M queries of one (batch, head); grid (cdiv(N, BLOCK_M), B * H).
+
+    Writes OUT rows (in q's dtype, at OUT's strides) and LSE[b, h, i], the log-sum-exp of the
+    scaled content logits (float32), which the backward uses to rebuild the content softmax.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = OUT + b * stride_ob + h * stride_oh
+    w0 = tl.load(W + h * 3 + 0)
+    w1 = tl.load(W + h * 3 + 1)
+    w2 = tl.load(W + h * 3 + 2)
+    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    q0 = _load_rows(q_base, offs_m, stride_qn, offs_d0, N, HEAD_DIM)
+    q1 = q0
+    if D1 > 0:
+        q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
+    # Rows past N get +inf: their positional probabilities are 0 instead of overflowing.
+    pos_lse = tl.load(POS_LSE + h * N + offs_m, mask=offs_m < N, other=float("inf"))
+    v_ty = V.dtype.element_ty
+
+    if WHOLE_ROW:
+        offs_n = tl.arange(0, BLOCK_N)
+        k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+        k1 = k0
+        if D1 > 0:
+            k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+        s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+        valid = offs_n[None, :] < N
+        s = tl.where(valid, s, float("-inf"))
+        m_i = tl.max(s, 1)
+        p = tl.exp(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        p_c = p * (1.0 / l_i)[:, None]
+        dx, dy = _rel_offsets(offs_m, offs_n, cols)
+        z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
+        p_pos = tl.where(valid, tl.exp(z - pos_lse[:, None]), 0.0)
+        mix = (p_c + gate * (p_pos - p_c)).to(v_ty)
+        v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+        o0 = _mm(mix, v0, tl.zeros([BLOCK_M, D0], tl.float32), IEEE)
+        _store_rows(o_base, o0.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d0, N, HEAD_DIM)
+        if D1 > 0:
+            v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+            o1 = _mm(mix, v1, tl.zeros([BLOCK_M, D1], tl.float32), IEEE)
+            _store_rows(o_base, o1.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d1, N, HEAD_DIM)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_c0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        acc_p0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        acc_c1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+        acc_p1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+            k1 = k0
+            if D1 > 0:
+                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+            valid = offs_n[None, :] < N
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            dx, dy = _rel_offsets(offs_m, offs_n, cols)
+            z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
+            p_pos = tl.where(valid, tl.exp(z - pos_lse[:, None]), 0.0).to(v_ty)
+            p = p.to(v_ty)
+            v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+            acc_c0 = _mm(p, v0, acc_c0 * alpha[:, None], IEEE)
+            acc_p0 = _mm(p_pos, v0, acc_p0, IEEE)
+            if D1 > 0:
+                v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+                acc_c1 = _mm(p, v1, acc_c1 * alpha[:, None], IEEE)
+                acc_p1 = _mm(p_pos, v1, acc_p1, IEEE)
+        w_c = (1.0 - gate) / l_i
+        o0 = acc_c0 * w_c[:, None] + gate * acc_p0
+        _store_rows(o_base, o0.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d0, N, HEAD_DIM)
+        if D1 > 0:
+            o1 = acc_c1 * w_c[:, None] + gate * acc_p1
+            _store_rows(o_base, o1.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d1, N, HEAD_DIM)
+    lse = m_i + tl.log(l_i)
+    tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
+
+
+def choose_path(N: int, block_n: int) -> tuple[bool, int]:
+    """(whole_row, BLOCK_N) for N keys; ``block_n > 0`` forces the tiled path with that key block."""
+    if block_n < 0 or (block_n and (block_n < 16 or block_n & (block_n - 1))):
+        raise ValueError(f"block_n must be 0 (automatic) or a power of two >= 16; got {block_n}")
+    if block_n:
+        return False, block_n
+    if N <= WHOLE_ROW_MAX_N:
+        return True, max(16, triton.next_power_of_2(N))
+    return False, 32 if INTERPRET else 64
+
+
+def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: float, block_n: int = 0,
+                    wrap=lambda kernel: kernel):
+    """Run the forward; returns ``(out, lse)``.
+
+    q, k, v: (B, H, N, D), last dim contiguous. pos_weight (H, 3), gating (H,): float32.
+    out: (B, H, N, D) in q's dtype, a transpose(1, 2) view of contiguous (B, N, H, D) storage.
+    lse: (B, H, N) float32, the content log-sum-exp. ``wrap`` is ``torch.library.wrap_triton``
+    inside the registered op (so torch.compile traces the kernels), the identity otherwise.
+    """
+    B, H, N, D = q.shape
+    d0, d1 = head_dim_split(D)
+    whole_row, bn = choose_path(N, block_n)
+    pos_weight = pos_weight.contiguous()
+    gating = gating.contiguous()
+    out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if B == 0:
+        return out, lse
+    pos_lse = pos_stats_launch(pos_weight, N, cols, wrap)
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+
+    wrap(_gpsa_fwd_kernel)[grid](
+        q, k, v, out, lse, pos_lse, pos_weight, gating,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, N, cols, scale,
+        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_N=bn, WHOLE_ROW=whole_row, IEEE=q.dtype == torch.float32,
+    )
+    return out, lse

@@ -1,0 +1,136 @@
+"""The Triton GPSA kernels as torch ops, and the ``"triton"`` backend.
+
+``convit_kernels::gpsa_fwd_triton`` and ``convit_kernels::gpsa_bwd_triton`` are registered with
+``torch.library.triton_op``; every kernel launch inside them goes through ``wrap_triton``, so
+``torch.compile`` traces into the kernels instead of breaking the graph, and the fake (meta)
+implementation comes for free. ``register_autograd`` connects the two.
+
+Scope: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before import (Triton's
+interpreter; slow, for tests). float32, float16 and bfloat16 (float32 accumulation), D <= 128.
+Under the interpreter ``opcheck`` and ``torch.compile`` of these ops fail (fake tensors reach the
+interpreter): call them eagerly there (DESIGN.md section 4).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .api import validate_gpsa_inputs
+from .backends import Backend, register_backend
+
+__all__ = ["gpsa_triton"]
+
+try:
+    from . import triton_bwd, triton_fwd
+    _IMPORT_ERROR = ""
+except Exception as err:  # noqa: BLE001 - a missing or broken triton must leave the package usable
+    triton_fwd = triton_bwd = None
+    _IMPORT_ERROR = f"triton is not importable: {type(err).__name__}: {err}"
+
+_ACC = torch.float32
+
+
+def _probe(dev: str) -> tuple[bool, str]:
+    if _IMPORT_ERROR:
+        return False, _IMPORT_ERROR
+    if dev == "cuda":
+        if triton_fwd.INTERPRET:
+            return False, "TRITON_INTERPRET=1 was set when convit_kernels was imported: the kernels run on CPU only"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is available"
+        return True, ""
+    if dev == "cpu":
+        if triton_fwd.INTERPRET:
+            return True, ""
+        return False, ("Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                       "before importing convit_kernels (slow; meant for tests)")
+    return False, f"does not run on {dev!r} tensors"
+
+
+def _auto_rank(dev: str):
+    # Not preferred by "auto" until a GPU run has verified the kernels (issue 6); opt in by env var.
+    if dev == "cuda" and os.environ.get("CONVIT_KERNELS_TRUST_TRITON") == "1":
+        return 30
+    return None
+
+
+if triton_fwd is not None:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("convit_kernels::gpsa_fwd_triton", mutates_args=())
+    def gpsa_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                        pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float,
+                        block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPSA forward: ``(out, lse)``. pos_bias is unused (it cancels) but is an input so that
+        autograd gives it its exact zero gradient. block_n > 0 forces the tiled path."""
+        return triton_fwd.gpsa_fwd_launch(q, k, v, pos_weight, gating, rows, cols, scale, block_n, wrap_triton)
+
+    @triton_op("convit_kernels::gpsa_bwd_triton", mutates_args=())
+    def gpsa_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        pos_weight: torch.Tensor, gating: torch.Tensor, lse: torch.Tensor, rows: int, cols: int,
+                        scale: float, block_n: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GPSA backward: ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``."""
+        return triton_bwd.gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
+                                          block_n, wrap_triton)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n = inputs
+        ctx.save_for_backward(q, k, v, pos_weight, gating, output[1])
+        ctx.params = (rows, cols, scale, block_n)
+        ctx.bias_meta = (pos_bias.shape, pos_bias.dtype)
+
+    def _backward(ctx, grad_out, _grad_lse):
+        q, k, v, pos_weight, gating, lse = ctx.saved_tensors
+        rows, cols, scale, block_n = ctx.params
+        if grad_out.stride(-1) != 1:  # e.g. an expanded gradient of out.sum()
+            grad_out = grad_out.contiguous()
+        dq, dk, dv, dw, dg = gpsa_bwd_triton(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
+                                             block_n)
+        shape, dtype = ctx.bias_meta
+        # The bias cancels inside the positional softmax: its gradient is exactly zero.
+        db = torch.zeros(shape, dtype=dtype, device=q.device)
+        return dq, dk, dv, dw, db, dg, None, None, None, None
+
+    torch.library.register_autograd("convit_kernels::gpsa_fwd_triton", _backward, setup_context=_setup_context)
+
+
+def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n=0):
+    D = q.shape[-1]
+    if D > triton_fwd.MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims D <= {triton_fwd.MAX_HEAD_DIM}; q has D = {D}")
+    out, _ = torch.ops.convit_kernels.gpsa_fwd_triton(
+        q, k, v, pos_weight.to(_ACC), pos_bias.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n)
+    return out
+
+
+def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, block_n=0):
+    """``gpsa_attention(..., backend="triton")`` with the kernel's path exposed.
+
+    Same arguments and result as ``convit_kernels.gpsa_attention``. ``block_n``: 0 picks the path
+    (whole-row for N <= 256, else tiled with 64-key blocks); a power of two >= 16 forces the tiled
+    online-softmax path with that key block, e.g. to test it at a small N.
+    """
+    rows, cols, scale = validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale)
+    ok, reason = _probe(q.device.type)
+    if not ok:
+        raise ValueError(f"backend='triton' is not available for {q.device.type} tensors: {reason}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 q; got {q.dtype}")
+    if isinstance(block_n, bool) or not isinstance(block_n, int):
+        raise TypeError(f"block_n must be an int; got {type(block_n).__name__}")
+    triton_fwd.choose_path(q.shape[2], block_n)  # validates block_n
+    return _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n)
+
+
+register_backend(
+    Backend(
+        name="triton",
+        fn=_gpsa_triton_fn,
+        device_types=("cuda", "cpu"),
+        probe=_probe,
+        auto_rank=_auto_rank,
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    )
+)
