@@ -42,7 +42,9 @@ def attention_centers(pos_weight: torch.Tensor):
     w2 = w[:, 2]
     span = torch.where(w2 < 0, -1.0 / w2, torch.full_like(w2, float("inf")))
     centers = torch.stack([w[:, 0] * span / 2, w[:, 1] * span / 2], dim=-1)
-    return centers, centers.norm(dim=-1), -w2
+    # 0 * inf is nan for a centreless head with w0 or w1 == 0: its distance is inf by definition.
+    distance = torch.where(w2 < 0, centers.norm(dim=-1), torch.full_like(w2, float("inf")))
+    return centers, distance, -w2
 
 
 @torch.no_grad()
