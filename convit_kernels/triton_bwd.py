@@ -30,12 +30,10 @@ from .triton_fwd import (
 
 __all__ = ["gpsa_bwd_launch"]
 
-_DQ_CONFIGS = _configs(
-    [_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8, 2), _cfg(64, 4, 2)],
-    _cfg(16, 4),
-)
+_DQ_WHOLE_ROW_CONFIGS = _configs([_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8)], _cfg(16, 4))
+_DQ_TILED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 4, 2), _cfg(64, 8, 2), _cfg(128, 8, 2)], _cfg(16, 4))
 # Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.
-_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_CONFIGS)
+_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_WHOLE_ROW_CONFIGS + _DQ_TILED_CONFIGS)
 
 _DKV_CONFIGS = _configs(
     [_cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64),
@@ -44,15 +42,6 @@ _DKV_CONFIGS = _configs(
 )
 
 
-def _prune_dq(configs, named_args, **kwargs):
-    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    whole = kwargs.get("WHOLE_ROW", named_args.get("WHOLE_ROW"))
-    keep = [c for c in configs if not whole or c.kwargs["BLOCK_M"] * block_n <= 32 * 256]
-    return keep or configs[:1]
-
-
-@triton.autotune(configs=_DQ_CONFIGS, key=["N", "HEAD_DIM", "WHOLE_ROW", "BLOCK_N"],
-                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_dq})
 @triton.jit
 def _gpsa_bwd_dq_kernel(
     Q, K, V, DO, LSE, POS_LSE, W, G, DQ, DELTA, PART,
@@ -187,7 +176,6 @@ def _gpsa_bwd_dq_kernel(
     tl.store(part + 3, tl.sum(tl.where(row_ok, delta_p - delta_c, 0.0), 0))
 
 
-@triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])
 @triton.jit
 def _gpsa_bwd_dkv_kernel(
     Q, K, V, DO, LSE, POS_LSE, DELTA, W, G, DK, DV,
@@ -272,6 +260,11 @@ def _gpsa_bwd_dkv_kernel(
         _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, N, HEAD_DIM)
 
 
+_gpsa_bwd_dq_whole_row = triton.autotune(configs=_DQ_WHOLE_ROW_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
+_gpsa_bwd_dq_tiled = triton.autotune(configs=_DQ_TILED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_bwd_dq_kernel)
+_gpsa_bwd_dkv = triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dkv_kernel)
+
+
 def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols: int, scale: float,
                     block_n: int = 0, wrap=lambda kernel: kernel):
     """Run the backward; returns ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``.
@@ -303,7 +296,8 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     def dkv_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
 
-    wrap(_gpsa_bwd_dq_kernel)[dq_grid](
+    dq_kernel = _gpsa_bwd_dq_whole_row if whole_row else _gpsa_bwd_dq_tiled
+    wrap(dq_kernel)[dq_grid](
         q, k, v, grad_out, lse, pos_lse, pos_weight, gating, dq, delta, part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -313,7 +307,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         H, N, cols, scale, n_part,
         HEAD_DIM=D, D0=d0, D1=d1, BLOCK_N=bn, WHOLE_ROW=whole_row, IEEE=ieee,
     )
-    wrap(_gpsa_bwd_dkv_kernel)[dkv_grid](
+    wrap(_gpsa_bwd_dkv)[dkv_grid](
         q, k, v, grad_out, lse, pos_lse, delta, pos_weight, gating, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -162,22 +162,12 @@ def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda ke
 # --------------------------------------------------------------------------------------------
 # The forward kernel.
 
-_FWD_CONFIGS = _configs(
-    [_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8), _cfg(64, 4, 2), _cfg(128, 8, 2)],
-    _cfg(16, 4),
-)
+# Autotuning: one small config set per path, keyed on (N, D) and, by Triton, the argument dtypes.
+# Whole-row: BLOCK_M x next_pow2(N) scores live in a few copies, so BLOCK_M stays small.
+_FWD_WHOLE_ROW_CONFIGS = _configs([_cfg(16, 4), _cfg(32, 4), _cfg(32, 8), _cfg(64, 8)], _cfg(16, 4))
+_FWD_TILED_CONFIGS = _configs([_cfg(64, 4, 2), _cfg(64, 4, 3), _cfg(128, 8, 2), _cfg(128, 4, 3)], _cfg(16, 4))
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    # The whole-row path keeps BLOCK_M x BLOCK_N scores live in several copies: cap the tile.
-    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
-    whole = kwargs.get("WHOLE_ROW", named_args.get("WHOLE_ROW"))
-    keep = [c for c in configs if not whole or c.kwargs["BLOCK_M"] * block_n <= 64 * 256]
-    return keep or configs[:1]
-
-
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM", "WHOLE_ROW", "BLOCK_N"],
-                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_fwd})
 @triton.jit
 def _gpsa_fwd_kernel(
     Q, K, V, OUT, LSE, POS_LSE, W, G,
@@ -284,6 +274,10 @@ def _gpsa_fwd_kernel(
     tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
 
+_gpsa_fwd_whole_row = triton.autotune(configs=_FWD_WHOLE_ROW_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_fwd_kernel)
+_gpsa_fwd_tiled = triton.autotune(configs=_FWD_TILED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_fwd_kernel)
+
+
 def choose_path(N: int, block_n: int) -> tuple[bool, int]:
     """(whole_row, BLOCK_N) for N keys; ``block_n > 0`` forces the tiled path with that key block."""
     if block_n < 0 or (block_n and (block_n < 16 or block_n & (block_n - 1))):
@@ -318,7 +312,8 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
 
-    wrap(_gpsa_fwd_kernel)[grid](
+    kernel = _gpsa_fwd_whole_row if whole_row else _gpsa_fwd_tiled
+    wrap(kernel)[grid](
         q, k, v, out, lse, pos_lse, pos_weight, gating,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
