@@ -41,7 +41,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "convit_kernels._C", cpp + cuda_sources,
             define_macros=[("CONVIT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17",
                                                            "-lineinfo", "--expt-relaxed-constexpr"]},
             extra_link_args=extra_link)
     else:

@@ -1,0 +1,115 @@
+// Device helpers shared by gpsa_fwd.cu and gpsa_bwd.cu (CUDA only; no torch header).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "gpsa_cuda.h"
+
+namespace convit_kernels {
+namespace cuda {
+namespace detail {
+
+constexpr int kThreads = 128;  // every GPSA kernel runs 4 warps per CTA
+constexpr int kWarps = kThreads / 32;
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// ---- element type <-> accumulation type (float for float/half/bf16, double for double) ----
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// IEEE library exp/log (not the fast intrinsics): the fp32 path is judged strictly.
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+template <typename Acc> __device__ __forceinline__ Acc neg_inf() { return -INFINITY; }
+
+// ---- positional geometry ----
+// Query i and key j on a row-major rows x cols grid: dx = col(j) - col(i), dy = row(j) - row(i).
+struct Offset {
+  int dx, dy;
+};
+__device__ __forceinline__ Offset grid_offset(int i, int j, int cols) {
+  Offset o;
+  o.dx = (j % cols) - (i % cols);
+  o.dy = (j / cols) - (i / cols);
+  return o;
+}
+// Positional logit w . (dx, dy, dx^2 + dy^2); the bias cancels in the softmax and never enters.
+template <typename Acc>
+__device__ __forceinline__ Acc pos_logit(const Acc w[3], Offset o) {
+  const int d2 = o.dx * o.dx + o.dy * o.dy;  // exact in int for any grid that fits in memory
+  return w[0] * Acc(o.dx) + w[1] * Acc(o.dy) + w[2] * Acc(d2);
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc sigmoid(Acc x) { return Acc(1) / (Acc(1) + acc_exp(-x)); }
+
+// ---- warp reductions (butterfly: every lane ends with the same, order-fixed result) ----
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc x) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+template <typename Acc>
+__device__ __forceinline__ Acc warp_max(Acc x) {
+  for (int off = 16; off > 0; off >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+// Fixed-order tree sum of one value per thread of the CTA (kThreads values); the result is
+// returned to every thread. `scratch` holds kThreads Acc values; the call synchronises the CTA.
+template <typename Acc>
+__device__ Acc block_sum(Acc x, Acc* scratch) {
+  const int tid = threadIdx.x;
+  __syncthreads();  // scratch may still be read by a previous call
+  scratch[tid] = x;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (tid < width) scratch[tid] += scratch[tid + width];
+    __syncthreads();
+  }
+  return scratch[0];
+}
+
+// Copies `count` rows of a (.., N, D) slice starting at row `row0` into shared memory as Acc:
+// dst[r * ld + d] = src[(row0 + r) * stride_n + d] for r < count, d < D; rows at or past N are
+// zero-filled so a masked product never multiplies garbage (0 * NaN would poison a sum).
+template <typename T, typename Acc>
+__device__ __forceinline__ void load_rows(Acc* dst, int ld, const T* src, int64_t stride_n, int row0, int count,
+                                          int N, int D) {
+  for (int e = threadIdx.x; e < count * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const int n = row0 + r;
+    dst[r * ld + d] = n < N ? to_acc(src[int64_t(n) * stride_n + d]) : Acc(0);
+  }
+}
+
+// Dot product of two shared-memory rows of length D.
+template <typename Acc>
+__device__ __forceinline__ Acc dot_rows(const Acc* a, const Acc* b, int D) {
+  Acc s = Acc(0);
+  for (int d = 0; d < D; ++d) s = fma(a[d], b[d], s);
+  return s;
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace convit_kernels
