@@ -54,16 +54,23 @@ def _compile_skip_reason(model_name, provider, mode):
             "CONVIT_BENCH_COMPILE=all compiles every case")
 
 
-def _build(model_name, provider):
+def _skip_unavailable(provider):
     if provider in KNOWN_BACKENDS:
         reason = backend_or_skip_reason(provider, torch.bfloat16 if ON_GPU else torch.float32)
         if reason:
             pytest.skip(reason)
+    elif provider == "timm":
+        pytest.importorskip("timm", reason="timm is not installed: no timm ConViT to compare with")
+
+
+def _build(model_name, provider):
+    if provider in KNOWN_BACKENDS:
         return convit.create_model(model_name, gpsa_backend=provider)
     if provider == "plain_attention":
         return convit.create_model(model_name, local_up_to_layer=0)
     if provider == "timm":
-        timm = pytest.importorskip("timm", reason="timm is not installed: no timm ConViT to compare with")
+        import timm
+
         return timm.create_model(model_name, pretrained=False)
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -73,6 +80,7 @@ def _build(model_name, provider):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_model_step(benchmark, model_name, provider, compiled, mode):
+    _skip_unavailable(provider)
     if compiled == "compile":
         reason = _compile_skip_reason(model_name, provider, mode)
         if reason:

@@ -3,7 +3,7 @@
     python benchmarks/report.py                         # every benchmarks/results/*.json
     python benchmarks/report.py run.json -o out.md      # chosen files, another output
 
-One section per JSON file (one run on one device), newest first: the device, commit, torch and
+One section per run (JSON files of one machine, commit and day are merged), newest first: the device, commit, torch and
 triton versions and the command, then a table for the op (median time per call and the speed-up
 against the official eager formulation, torch.compile of it, the composed baseline, and the time
 relative to plain SDPA) and one for the model (images/s against the official eager model, the
@@ -143,19 +143,35 @@ def skipped_lines(skipped: dict) -> list[str]:
     return lines + [""]
 
 
-def run_section(path: str) -> list[str]:
+def _load(path):
     with open(path) as f:
         data = json.load(f)
+    data["_path"] = path
+    return data
+
+
+def _run_key(data):
+    """Files from one machine and one commit (e.g. the op and model halves of a GPU run) share a section."""
+    info = data.get("machine_info", {}).get("convit", {})
+    return (info.get("device"), info.get("device_name"), info.get("torch"),
+            data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10])
+
+
+def run_section(runs: list) -> list[str]:
+    """One section for JSON files of one run (same machine, commit and day)."""
+    runs = sorted(runs, key=lambda d: d.get("datetime", ""))
+    data = runs[0]
     mi = data.get("machine_info", {})
     info = mi.get("convit", {})
     commit = data.get("commit_info", {})
-    benches = data.get("benchmarks", [])
-    name = os.path.relpath(path, os.path.dirname(HERE))
+    benches = [b for d in runs for b in d.get("benchmarks", [])]
+    root = os.path.dirname(HERE)
+    files = ", ".join(f"`{os.path.relpath(d['_path'], root)}` ({len(d.get('benchmarks', []))} benchmarks)" for d in runs)
     device = info.get("device_name") or mi.get("cpu", {}).get("brand_raw", "?")
     lines = [f"## {device} ({info.get('device', '?')}), {data.get('datetime', '?')[:16].replace('T', ' ')} UTC", ""]
-    dirty = " (working tree had uncommitted changes)" if commit.get("dirty") else ""
+    dirty = " (working tree had uncommitted changes)" if any(d.get("commit_info", {}).get("dirty") for d in runs) else ""
     lines += [
-        f"- Data: `{name}` ({len(benches)} benchmarks)",
+        f"- Data: {files}",
         f"- Commit: `{commit.get('id', '?')}`{dirty}, branch {commit.get('branch', '?')}",
         f"- torch {info.get('torch', '?')}" + (f" (CUDA {info['torch_cuda']})" if info.get("torch_cuda") else "")
         + f", triton {info.get('triton', '?')}, python {info.get('python', mi.get('python_version', '?'))}, "
@@ -163,24 +179,34 @@ def run_section(path: str) -> list[str]:
         f"- Machine: {mi.get('cpu', {}).get('brand_raw', '?')}, {info.get('cpu_count', '?')} CPUs, "
         f"torch threads {info.get('threads', '?')}" + (f"; {info['device_name']} {info.get('device_memory_gb', '')} GB"
                                                       if info.get("device") == "cuda" else ""),
-        f"- Command: `{info.get('command', '?')}`",
-        f"- Backends: " + ", ".join(f"{k}: {v}" for k, v in info.get("backend_status", {}).items()),
+    ]
+    lines += [f"- Command: `{d.get('machine_info', {}).get('convit', {}).get('command', '?')}`" for d in runs]
+    lines += [
+        "- Backends: " + ", ".join(f"{k}: {v}" for k, v in info.get("backend_status", {}).items()),
         f"- Memory: {info.get('memory_method', '?')}",
     ]
-    load0, load1 = info.get("load_average_start"), info.get("load_average_end")
-    if load0 and load1:
-        lines.append(f"- Load average (1, 5, 15 min) at start {load0}, at end {load1}")
-        if info.get("device") == "cpu" and max(load0[0], load1[0]) > 0.75 * (info.get("cpu_count") or 1) + 1:
-            lines.append(f"- **The CPU was shared**: the load average exceeded the {info.get('cpu_count')} cores, "
-                         "so other jobs ran during the measurement; compare ratios within this run only.")
-    notes = os.path.splitext(path)[0] + ".notes.md"
-    if os.path.exists(notes):
-        with open(notes) as f:
-            lines += ["", f.read().strip()]
+    shared = False
+    for d in runs:
+        i = d.get("machine_info", {}).get("convit", {})
+        load0, load1 = i.get("load_average_start"), i.get("load_average_end")
+        if load0 and load1:
+            lines.append(f"- Load average (1, 5, 15 min) at start {load0}, at end {load1}")
+            shared |= max(load0[0], load1[0]) > 0.75 * (i.get("cpu_count") or 1) + 1
+    if shared and info.get("device") == "cpu":
+        lines.append(f"- **The CPU was shared**: the load average exceeded the {info.get('cpu_count')} cores, "
+                     "so other jobs ran during the measurement; compare ratios within this run only.")
+    for d in runs:
+        notes = os.path.splitext(d["_path"])[0] + ".notes.md"
+        if os.path.exists(notes):
+            with open(notes) as f:
+                lines += ["", f.read().strip()]
     lines.append("")
     lines += op_table([b for b in benches if b.get("extra_info", {}).get("kind") == "op"])
     lines += model_table([b for b in benches if b.get("extra_info", {}).get("kind") == "model"])
-    lines += skipped_lines(info.get("skipped", {}))
+    skipped = {}
+    for d in runs:
+        skipped.update(d.get("machine_info", {}).get("convit", {}).get("skipped", {}))
+    lines += skipped_lines(skipped)
     return lines
 
 
@@ -193,10 +219,6 @@ def main(argv=None):
     if not paths:
         parser.error("no JSON files given and none in benchmarks/results/")
 
-    def when(p):
-        with open(p) as f:
-            return json.load(f).get("datetime", "")
-
     lines = [
         "# Benchmark results",
         "",
@@ -205,8 +227,12 @@ def main(argv=None):
         "The floors and predictions behind these figures are in `benchmarks/NOTES.md`.",
         "",
     ]
-    for path in sorted(paths, key=when, reverse=True):
-        lines += run_section(path)
+    groups = defaultdict(list)
+    for path in paths:
+        data = _load(path)
+        groups[_run_key(data)].append(data)
+    for runs in sorted(groups.values(), key=lambda r: max(d.get("datetime", "") for d in r), reverse=True):
+        lines += run_section(runs)
     with open(args.output, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     print(f"wrote {args.output} from {len(paths)} file(s)")
