@@ -1,0 +1,86 @@
+// Shared pieces of the fused GPSA CPU kernels (forward: gpsa_fwd_cpu.cpp, backward: gpsa_bwd_cpu.cpp).
+//
+// Layout of the work: one task owns (batch b, head h, a block of query rows) and keeps whole key
+// rows of scores in a local buffer (N up to a few thousand fits). The two matrix products of a
+// block (Q_blk K^T and P V) go to the BLAS that libtorch ships (MKL on x86 wheels), called
+// single-threaded inside at::parallel_for; the row-wise softmax / mixing / backward algebra runs in
+// loops that the compiler vectorises, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time (target_clones), with a polynomial exp instead of the scalar libm call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <cstdint>
+
+namespace convit_kernels::cpu {
+
+// Column-major C = alpha op(A) op(B) + beta C (BLAS semantics; ta/tb: use the transpose of A/B).
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
+// One row of the positional softmax: out[j] = softmax_j(w0 dx + w1 dy + w2 (dx^2 + dy^2)),
+// dx = colj[j] - coli, dy = rowj[j] - rowi (key minus query).
+void pos_softmax_row(const float* w, const float* colj, const float* rowj, float coli, float rowi, int64_t n,
+                     float* out);
+void pos_softmax_row(const double* w, const double* colj, const double* rowj, double coli, double rowi,
+                     int64_t n, double* out);
+
+// Forward row: s holds the scaled content logits of one query row; on return it holds the mixed
+// attention (1 - gate) softmax(s) + gate * ppos. Returns the log-sum-exp of the logits.
+float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate);
+double softmax_mix_row(double* s, const double* ppos, int64_t n, double gate);
+
+// Backward row. In: s = scaled content logits, dm = dL/dM = g_i V^T. Out: s = dS_c (the gradient of
+// the content logits before the scale), dm = the mixed attention M (for dV). Adds to acc[0..2] the
+// row's share of dL/dpos_weight and to acc[3] rowsum(P_pos dM) - rowsum(P_c dM).
+void bwd_row(float* s, float lse, const float* ppos, float* dm, const float* colj, const float* rowj, float coli,
+             float rowi, int64_t n, float gate, double* acc);
+void bwd_row(double* s, double lse, const double* ppos, double* dm, const double* colj, const double* rowj,
+             double coli, double rowi, int64_t n, double gate, double* acc);
+
+// The positional probabilities of a call. They do not depend on the batch: computed once per call
+// as an (H, N, N) table when it is small enough, otherwise one row at a time on demand.
+template <typename T>
+struct PosRows {
+  at::Tensor table;      // (H, N, N) or undefined
+  at::Tensor colj_t, rowj_t, w_t;
+  const T* w = nullptr;  // (H, 3), contiguous
+  const T* colj = nullptr;
+  const T* rowj = nullptr;
+  int64_t N = 0;
+
+  const T* get(int64_t h, int64_t i, T* scratch) const {
+    if (table.defined()) return table.const_data_ptr<T>() + (h * N + i) * N;
+    pos_softmax_row(w + 3 * h, colj, rowj, colj[i], rowj[i], N, scratch);
+    return scratch;
+  }
+};
+
+template <typename T>
+PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols);
+
+// Validates the arguments shared by gpsa_fwd and gpsa_bwd (names the argument on failure) and
+// returns q, k, v usable by the kernels (last dim contiguous, row stride >= D).
+void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols);
+at::Tensor rows_usable(const at::Tensor& t);
+
+// Query rows per task: about `target`, spread evenly over ceil(N / target) blocks.
+inline int64_t block_rows(int64_t N, int64_t target) {
+  const int64_t nblk = (N + target - 1) / target;
+  return (N + nblk - 1) / nblk;
+}
+
+std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& pos_weight, const at::Tensor& gating,
+                                                int64_t rows, int64_t cols, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& pos_weight, const at::Tensor& gating, const at::Tensor& lse, int64_t rows, int64_t cols,
+    double scale);
+
+}  // namespace convit_kernels::cpu

@@ -1,0 +1,273 @@
+// Row kernels, BLAS access, the positional table, argument checks and the CPU registration of the
+// convit_kernels ops. See gpsa_cpu.h for the layout of the work.
+#include "gpsa_cpu.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+// libtorch exports the Fortran BLAS it links (MKL on x86-64 wheels). Weak, so that a libtorch
+// without them still loads this extension: the kernels then use the plain loops below.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define CONVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CONVIT_CLONES
+#endif
+#define CONVIT_INLINE inline __attribute__((always_inline))
+
+namespace convit_kernels::cpu {
+namespace {
+
+template <typename T>
+void gemm_loops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                int64_t ldb, T beta, T* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      T acc = 0;
+      for (int64_t l = 0; l < k; ++l) {
+        const T av = ta ? a[l + i * lda] : a[i + l * lda];
+        const T bv = tb ? b[j + l * ldb] : b[l + j * ldb];
+        acc += av * bv;
+      }
+      T& out = c[i + j * ldc];
+      out = alpha * acc + (beta == T(0) ? T(0) : beta * out);
+    }
+  }
+}
+
+template <typename T, typename F>
+void gemm_impl(F* blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const int64_t lim = std::numeric_limits<int>::max();
+  if (blas != nullptr && m < lim && n < lim && k < lim && lda < lim && ldb < lim && ldc < lim) {
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const int im = int(m), in = int(n), ik = int(k), ila = int(lda), ilb = int(ldb), ilc = int(ldc);
+    blas(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+    return;
+  }
+  gemm_loops<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// exp for float, written so that it vectorises: Cephes' range reduction and degree-6 polynomial
+// (relative error ~2 ulp), 2^n assembled in the exponent bits. NaN propagates.
+CONVIT_INLINE float exp_approx(float x) {
+  x = x > 88.0f ? 88.0f : x;
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: still a normal float, so 2^n is representable
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // round to nearest via the 1.5 * 2^23 trick
+  const float fn = t - 12582912.0f;
+  float r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t bits = (int32_t(fn) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+CONVIT_INLINE double exp_approx(double x) { return std::exp(x); }
+
+template <typename T>
+CONVIT_INLINE void pos_softmax_row_t(const T* w, const T* colj, const T* rowj, T coli, T rowi, int64_t n, T* out) {
+  const T w0 = w[0], w1 = w[1], w2 = w[2];
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const T dx = colj[j] - coli, dy = rowj[j] - rowi;
+    const T z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy);
+    out[j] = z;
+    mx = z > mx ? z : mx;
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_approx(out[j] - mx);
+    out[j] = e;
+    sum += e;
+  }
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] *= inv;
+}
+
+template <typename T>
+CONVIT_INLINE T softmax_mix_row_t(T* s, const T* ppos, int64_t n, T gate) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_approx(s[j] - mx);
+    s[j] = e;
+    sum += e;
+  }
+  const T a = (T(1) - gate) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) s[j] = s[j] * a + gate * ppos[j];
+  return mx + std::log(sum);
+}
+
+template <typename T>
+CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, T* dm, const T* colj, const T* rowj, T coli, T rowi,
+                             int64_t n, T gate, double* acc) {
+  T dc = 0, dp = 0;
+#pragma omp simd reduction(+ : dc, dp)
+  for (int64_t j = 0; j < n; ++j) {
+    const T p = exp_approx(s[j] - lse);
+    s[j] = p;
+    dc += p * dm[j];
+    dp += ppos[j] * dm[j];
+  }
+  const T omg = T(1) - gate;
+  T ax = 0, ay = 0, ar = 0;
+#pragma omp simd reduction(+ : ax, ay, ar)
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = dm[j], pc = s[j], pp = ppos[j];
+    s[j] = omg * pc * (d - dc);
+    const T dz = gate * pp * (d - dp);
+    const T dx = colj[j] - coli, dy = rowj[j] - rowi;
+    ax += dz * dx;
+    ay += dz * dy;
+    ar += dz * (dx * dx + dy * dy);
+    dm[j] = omg * pc + gate * pp;
+  }
+  acc[0] += double(ax);
+  acc[1] += double(ay);
+  acc[2] += double(ar);
+  acc[3] += double(dp) - double(dc);
+}
+
+}  // namespace
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm_impl<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+CONVIT_CLONES void pos_softmax_row(const float* w, const float* colj, const float* rowj, float coli, float rowi,
+                                   int64_t n, float* out) {
+  pos_softmax_row_t<float>(w, colj, rowj, coli, rowi, n, out);
+}
+void pos_softmax_row(const double* w, const double* colj, const double* rowj, double coli, double rowi, int64_t n,
+                     double* out) {
+  pos_softmax_row_t<double>(w, colj, rowj, coli, rowi, n, out);
+}
+CONVIT_CLONES float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
+  return softmax_mix_row_t<float>(s, ppos, n, gate);
+}
+double softmax_mix_row(double* s, const double* ppos, int64_t n, double gate) {
+  return softmax_mix_row_t<double>(s, ppos, n, gate);
+}
+CONVIT_CLONES void bwd_row(float* s, float lse, const float* ppos, float* dm, const float* colj, const float* rowj,
+                           float coli, float rowi, int64_t n, float gate, double* acc) {
+  bwd_row_t<float>(s, lse, ppos, dm, colj, rowj, coli, rowi, n, gate, acc);
+}
+void bwd_row(double* s, double lse, const double* ppos, double* dm, const double* colj, const double* rowj,
+             double coli, double rowi, int64_t n, double gate, double* acc) {
+  bwd_row_t<double>(s, lse, ppos, dm, colj, rowj, coli, rowi, n, gate, acc);
+}
+
+// Above this many (H * N * N) entries the positional rows are recomputed on demand instead.
+constexpr int64_t kMaxPosTable = int64_t(1) << 24;
+
+template <typename T>
+PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols) {
+  PosRows<T> pr;
+  const int64_t N = rows * cols, H = pos_weight.size(0);
+  auto opts = pos_weight.options();
+  pr.N = N;
+  pr.w_t = pos_weight.contiguous();
+  pr.colj_t = at::empty({N}, opts);
+  pr.rowj_t = at::empty({N}, opts);
+  T* cj = pr.colj_t.template data_ptr<T>();
+  T* rj = pr.rowj_t.template data_ptr<T>();
+  for (int64_t j = 0; j < N; ++j) {
+    cj[j] = T(j % cols);
+    rj[j] = T(j / cols);
+  }
+  pr.w = pr.w_t.template const_data_ptr<T>();
+  pr.colj = cj;
+  pr.rowj = rj;
+  if (H * N * N <= kMaxPosTable) {
+    pr.table = at::empty({H, N, N}, opts);
+    T* tab = pr.table.template data_ptr<T>();
+    const T* w = pr.w;
+    at::parallel_for(0, H * N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t h = t / N, i = t % N;
+        pos_softmax_row(w + 3 * h, cj, rj, cj[i], rj[i], N, tab + t * N);
+      }
+    });
+  }
+  return pr;
+}
+template PosRows<float> make_pos_rows<float>(const at::Tensor&, int64_t, int64_t);
+template PosRows<double> make_pos_rows<double>(const at::Tensor&, int64_t, int64_t);
+
+void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols) {
+  const std::pair<const char*, const at::Tensor*> qkv[] = {{"q", &q}, {"k", &k}, {"v", &v}};
+  for (const auto& [name, t] : qkv) {
+    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D); got ", t->sizes());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor; got ",
+                      t->device());
+  }
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+                   " (CPU kernel): q must be float32 or float64; got ", q.scalar_type());
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op,
+                    ": k and v must have the shape of q ", q.sizes(), "; got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": k and v must have the dtype of q (", q.scalar_type(), "); got ", k.scalar_type(), " and ",
+                   v.scalar_type());
+  const int64_t H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(H >= 1 && N >= 1 && D >= 1, op, ": q must have H, N and D >= 1; got ", q.sizes());
+  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1 && rows * cols == N, op,
+                    ": rows * cols must equal N = ", N, "; got rows=", rows, ", cols=", cols);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::pair<const char*, const at::Tensor*> params[] = {{"pos_weight", &pos_weight}, {"gating", &gating}};
+  for (const auto& [name, t] : params) {
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
+                     q.scalar_type(), " inputs); got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor; got ",
+                      t->device());
+  }
+  TORCH_CHECK_VALUE(pos_weight.dim() == 2 && pos_weight.size(0) == H && pos_weight.size(1) == 3, op,
+                    ": pos_weight must have shape (H, 3) = (", H, ", 3); got ", pos_weight.sizes());
+  TORCH_CHECK_VALUE(gating.dim() == 1 && gating.size(0) == H, op, ": gating must have shape (H,) = (", H,
+                    ",); got ", gating.sizes());
+}
+
+at::Tensor rows_usable(const at::Tensor& t) {
+  // BLAS needs unit stride along D and a row stride of at least D.
+  if (t.stride(3) == 1 && t.stride(2) >= t.size(3)) return t;
+  return t.contiguous();
+}
+
+TORCH_LIBRARY_IMPL(convit_kernels, CPU, m) {
+  m.impl("gpsa_fwd", &gpsa_fwd_cpu);
+  m.impl("gpsa_bwd", &gpsa_bwd_cpu);
+}
+
+}  // namespace convit_kernels::cpu
