@@ -266,16 +266,16 @@ _gpsa_bwd_dkv = triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])(_gp
 
 
 def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols: int, scale: float,
-                    block_n: int = 0, wrap=lambda kernel: kernel):
+                    block_n: int = 0, split_d: bool = False, wrap=lambda kernel: kernel):
     """Run the backward; returns ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``.
 
     grad_out, q, k, v: (B, H, N, D), last dim contiguous; lse: (B, H, N) float32 from the forward;
     pos_weight (H, 3), gating (H,): float32. grad_q/k/v come back in q's dtype as transpose(1, 2)
     views of (B, N, H, D) storage; grad_pos_weight (H, 3) and grad_gating (H,) in float32.
-    ``block_n`` must be the value the forward used (it picks the same path).
+    ``block_n`` and ``split_d`` as in the forward (any values give the same gradients).
     """
     B, H, N, D = q.shape
-    d0, d1 = head_dim_split(D)
+    d0, d1 = head_dim_split(D, split_d)
     whole_row, bn = choose_path(N, block_n)
     pos_weight = pos_weight.contiguous()
     gating = gating.contiguous()

@@ -12,9 +12,10 @@ Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
   V. Tiled path: online softmax for the content branch over key blocks, the positional branch
   (exact thanks to the precomputed statistics) accumulated beside it, mixed at the end.
 
-The head dimension is split into two power-of-two chunks, D0 + D1 (48 = 32 + 16, 80 = 64 + 16,
-96 = 64 + 32), so D = 48 runs without padding to 64. Other D are covered by masking the second
-chunk (e.g. 56 = 32 + 32 masked). Accumulation is float32; fp32 inputs use IEEE dots (no TF32).
+The head dimension runs as one power-of-two chunk with the columns past D masked (never read or
+written), or, with ``split_d``, as two power-of-two chunks D0 + D1 (48 = 32 + 16, 80 = 64 + 16)
+with no padded column at all; see ``head_dim_split`` for why the first is the default.
+Accumulation is float32; fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
 
@@ -33,14 +34,21 @@ WHOLE_ROW_MAX_N = 256
 MAX_HEAD_DIM = 128
 
 
-def head_dim_split(D: int) -> tuple[int, int]:
-    """(D0, D1): the two chunk widths the kernels use for head dim D (D1 == 0: one chunk).
+def head_dim_split(D: int, split: bool = False) -> tuple[int, int]:
+    """(D0, D1): the head-dim chunk widths the kernels use for head dim D (D1 == 0: one chunk).
 
-    D0 is the largest power of two <= D (at least 16, the smallest ``tl.dot`` size); D1 covers the
-    rest, rounded up to a power of two >= 16 (exact for D = 48, 80, 96, 112 - 16).
+    ``split=False`` (the default): one chunk of next_pow2(D) columns (at least 16, the smallest
+    ``tl.dot`` size), the columns past D masked: they are never read from or written to memory,
+    only the matmuls run on zeros (D = 48: 64-wide dots). ``split=True``: D0 is the largest power
+    of two <= D and D1 the rest rounded up to a power of two >= 16, so 48 = 32 + 16 and
+    80 = 64 + 16 with no padded column at all. Compiled for sm_90 (Triton 3.9, bf16, N = 196),
+    the split whole-row kernels spill registers (hundreds of bytes to KBs of stack per thread)
+    while the single-chunk ones do not, hence the default; a GPU benchmark should settle it.
     """
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"the triton backend supports head dims 1..{MAX_HEAD_DIM}; got D = {D}")
+    if not split:
+        return max(16, triton.next_power_of_2(D)), 0
     d0 = max(16, 1 << (D.bit_length() - 1))
     rest = D - d0
     d1 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
@@ -220,11 +228,11 @@ def _gpsa_fwd_kernel(
         m_i = tl.max(s, 1)
         p = tl.exp(s - m_i[:, None])
         l_i = tl.sum(p, 1)
-        p_c = p * (1.0 / l_i)[:, None]
         dx, dy = _rel_offsets(offs_m, offs_n, cols)
         z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
         p_pos = tl.where(valid, tl.exp(z - pos_lse[:, None]), 0.0)
-        mix = (p_c + gate * (p_pos - p_c)).to(v_ty)
+        # (1 - s) P_c + s P_pos in one expression, so that few N-wide tiles are live at once.
+        mix = (p * ((1.0 - gate) / l_i)[:, None] + gate * p_pos).to(v_ty)
         v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
         o0 = _mm(mix, v0, tl.zeros([BLOCK_M, D0], tl.float32), IEEE)
         _store_rows(o_base, o0.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d0, N, HEAD_DIM)
@@ -290,16 +298,17 @@ def choose_path(N: int, block_n: int) -> tuple[bool, int]:
 
 
 def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: float, block_n: int = 0,
-                    wrap=lambda kernel: kernel):
+                    split_d: bool = False, wrap=lambda kernel: kernel):
     """Run the forward; returns ``(out, lse)``.
 
     q, k, v: (B, H, N, D), last dim contiguous. pos_weight (H, 3), gating (H,): float32.
     out: (B, H, N, D) in q's dtype, a transpose(1, 2) view of contiguous (B, N, H, D) storage.
-    lse: (B, H, N) float32, the content log-sum-exp. ``wrap`` is ``torch.library.wrap_triton``
+    lse: (B, H, N) float32, the content log-sum-exp. ``block_n``: see ``choose_path``; ``split_d``:
+    see ``head_dim_split``. ``wrap`` is ``torch.library.wrap_triton``
     inside the registered op (so torch.compile traces the kernels), the identity otherwise.
     """
     B, H, N, D = q.shape
-    d0, d1 = head_dim_split(D)
+    d0, d1 = head_dim_split(D, split_d)
     whole_row, bn = choose_path(N, block_n)
     pos_weight = pos_weight.contiguous()
     gating = gating.contiguous()

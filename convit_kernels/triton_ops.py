@@ -61,56 +61,60 @@ if triton_fwd is not None:
     @triton_op("convit_kernels::gpsa_fwd_triton", mutates_args=())
     def gpsa_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
                         pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float,
-                        block_n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_n: int = 0, split_d: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """GPSA forward: ``(out, lse)``. pos_bias is unused (it cancels) but is an input so that
-        autograd gives it its exact zero gradient. block_n > 0 forces the tiled path."""
-        return triton_fwd.gpsa_fwd_launch(q, k, v, pos_weight, gating, rows, cols, scale, block_n, wrap_triton)
+        autograd gives it its exact zero gradient. block_n > 0 forces the tiled path; split_d
+        runs the head dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk."""
+        return triton_fwd.gpsa_fwd_launch(q, k, v, pos_weight, gating, rows, cols, scale, block_n, split_d,
+                                          wrap_triton)
 
     @triton_op("convit_kernels::gpsa_bwd_triton", mutates_args=())
     def gpsa_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         pos_weight: torch.Tensor, gating: torch.Tensor, lse: torch.Tensor, rows: int, cols: int,
-                        scale: float, block_n: int = 0
+                        scale: float, block_n: int = 0, split_d: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """GPSA backward: ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``."""
         return triton_bwd.gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
-                                          block_n, wrap_triton)
+                                          block_n, split_d, wrap_triton)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n = inputs
+        q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n, split_d = inputs
         ctx.save_for_backward(q, k, v, pos_weight, gating, output[1])
-        ctx.params = (rows, cols, scale, block_n)
+        ctx.params = (rows, cols, scale, block_n, split_d)
         ctx.bias_meta = (pos_bias.shape, pos_bias.dtype)
 
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, pos_weight, gating, lse = ctx.saved_tensors
-        rows, cols, scale, block_n = ctx.params
+        rows, cols, scale, block_n, split_d = ctx.params
         if grad_out.stride(-1) != 1:  # e.g. an expanded gradient of out.sum()
             grad_out = grad_out.contiguous()
         dq, dk, dv, dw, dg = gpsa_bwd_triton(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
-                                             block_n)
+                                             block_n, split_d)
         shape, dtype = ctx.bias_meta
         # The bias cancels inside the positional softmax: its gradient is exactly zero.
         db = torch.zeros(shape, dtype=dtype, device=q.device)
-        return dq, dk, dv, dw, db, dg, None, None, None, None
+        return dq, dk, dv, dw, db, dg, None, None, None, None, None
 
     torch.library.register_autograd("convit_kernels::gpsa_fwd_triton", _backward, setup_context=_setup_context)
 
 
-def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n=0):
+def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n=0, split_d=False):
     D = q.shape[-1]
     if D > triton_fwd.MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims D <= {triton_fwd.MAX_HEAD_DIM}; q has D = {D}")
     out, _ = torch.ops.convit_kernels.gpsa_fwd_triton(
-        q, k, v, pos_weight.to(_ACC), pos_bias.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n)
+        q, k, v, pos_weight.to(_ACC), pos_bias.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n, split_d)
     return out
 
 
-def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, block_n=0):
+def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, block_n=0, split_d=False):
     """``gpsa_attention(..., backend="triton")`` with the kernel's path exposed.
 
     Same arguments and result as ``convit_kernels.gpsa_attention``. ``block_n``: 0 picks the path
     (whole-row for N <= 256, else tiled with 64-key blocks); a power of two >= 16 forces the tiled
-    online-softmax path with that key block, e.g. to test it at a small N.
+    online-softmax path with that key block, e.g. to test it at a small N. ``split_d``: run the head
+    dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk (see
+    ``triton_fwd.head_dim_split``); both give the same results up to rounding.
     """
     rows, cols, scale = validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale)
     ok, reason = _probe(q.device.type)
@@ -120,8 +124,10 @@ def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, bl
         raise TypeError(f"backend='triton' supports float32, float16 and bfloat16 q; got {q.dtype}")
     if isinstance(block_n, bool) or not isinstance(block_n, int):
         raise TypeError(f"block_n must be an int; got {type(block_n).__name__}")
+    if not isinstance(split_d, bool):
+        raise TypeError(f"split_d must be a bool; got {type(split_d).__name__}")
     triton_fwd.choose_path(q.shape[2], block_n)  # validates block_n
-    return _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n)
+    return _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n, split_d)
 
 
 register_backend(

@@ -18,46 +18,49 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("out", "grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_pos_bias", "grad_gating")
 
-# (B, H, N, D, grid, dtype, layout, block_n); block_n > 0 forces the tiled online-softmax path.
+# (B, H, N, D, grid, dtype, layout, block_n, split_d); block_n > 0 forces the tiled online-softmax
+# path; split_d runs the head dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk.
 CASES = [
-    (1, 2, 7, 16, (1, 7), torch.float32, "bhnd", 0),       # odd N, one-row grid
-    (2, 2, 50, 48, (5, 10), torch.float32, "bnhd", 0),     # D = 48 as 32 + 16, non-square, strided
-    (1, 2, 16, 64, (4, 4), torch.float32, "bhnd", 0),
-    (1, 3, 12, 48, (4, 3), torch.float32, "bnhd", 0),      # tall grid
-    (1, 2, 12, 40, (3, 4), torch.float32, "bhnd", 0),      # D = 32 + 8 (second chunk masked)
-    (1, 2, 12, 8, (3, 4), torch.float32, "bhnd", 0),       # D below the smallest dot size
-    (1, 2, 1, 16, (1, 1), torch.float32, "bhnd", 0),       # a single token
-    (1, 2, 50, 48, (10, 5), torch.float32, "bnhd", 16),    # tiled path, odd number of key blocks
-    (1, 2, 37, 64, (1, 37), torch.float32, "bhnd", 16),    # tiled, prime N
-    (1, 2, 50, 48, (5, 10), torch.float16, "bnhd", 0),
-    (1, 2, 7, 16, (7, 1), torch.float16, "bhnd", 0),
-    (1, 2, 16, 64, (4, 4), torch.float16, "bnhd", 0),
-    (1, 2, 50, 16, (5, 10), torch.float16, "bnhd", 32),    # tiled, fp16
+    (1, 2, 7, 16, (1, 7), torch.float32, "bhnd", 0, False),       # odd N, one-row grid
+    (2, 2, 50, 48, (5, 10), torch.float32, "bnhd", 0, True),      # 48 = 32 + 16, non-square, strided
+    (1, 3, 12, 48, (4, 3), torch.float32, "bnhd", 0, False),      # 48 as a masked 64, tall grid
+    (1, 2, 16, 64, (4, 4), torch.float32, "bhnd", 0, False),
+    (1, 2, 12, 40, (3, 4), torch.float32, "bhnd", 0, True),       # 32 + 8 (second chunk masked)
+    (1, 2, 12, 8, (3, 4), torch.float32, "bhnd", 0, False),       # D below the smallest dot size
+    (1, 2, 1, 16, (1, 1), torch.float32, "bhnd", 0, False),       # a single token
+    (1, 2, 50, 48, (10, 5), torch.float32, "bnhd", 16, True),     # tiled path, odd number of key blocks
+    (1, 2, 37, 64, (1, 37), torch.float32, "bhnd", 16, False),    # tiled, prime N
+    (1, 2, 50, 48, (5, 10), torch.float16, "bnhd", 0, True),
+    (1, 2, 50, 48, (5, 10), torch.float16, "bnhd", 0, False),
+    (1, 2, 7, 16, (7, 1), torch.float16, "bhnd", 0, False),
+    (1, 2, 16, 64, (4, 4), torch.float16, "bnhd", 0, False),
+    (1, 2, 50, 16, (5, 10), torch.float16, "bnhd", 32, False),    # tiled, fp16
 ]
 
 
 def _ids(case):
-    B, H, N, D, grid, dtype, layout, bn = case
-    return f"B{B}H{H}N{N}D{D}g{grid[0]}x{grid[1]}-{str(dtype)[6:]}-{layout}" + (f"-tiled{bn}" if bn else "")
+    B, H, N, D, grid, dtype, layout, bn, split = case
+    return (f"B{B}H{H}N{N}D{D}g{grid[0]}x{grid[1]}-{str(dtype)[6:]}-{layout}" + (f"-tiled{bn}" if bn else "")
+            + ("-split" if split else ""))
 
 
-def _run_triton(inputs, grad_out, block_n=0):
+def _run_triton(inputs, grad_out, block_n=0, split_d=False):
     *tensors, grid = inputs
     ts = [t.detach().requires_grad_(True) for t in tensors]
-    out = triton_ops.gpsa_triton(*ts, grid, block_n=block_n)
+    out = triton_ops.gpsa_triton(*ts, grid, block_n=block_n, split_d=split_d)
     grads = torch.autograd.grad(out, ts, grad_out.to(out.dtype))
     return out, grads
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_forward_and_all_gradients_match_reference(case):
-    B, H, N, D, grid, dtype, layout, block_n = case
+    B, H, N, D, grid, dtype, layout, block_n, split_d = case
     inputs = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, device=DEVICE, layout=layout)
     # Representable in ``dtype``: its rounding would otherwise be an error of the yardstick's inputs
     # (the kernel gets grad_out in q's dtype), not of the kernel.
     grad_out = torch.randn(B, H, N, D, device=DEVICE).to(dtype).float()
     out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, grad_out)
-    out, grads = _run_triton(inputs, grad_out, block_n)
+    out, grads = _run_triton(inputs, grad_out, block_n, split_d)
     assert out.dtype == dtype and out.shape == (B, H, N, D)
     assert grads[4].abs().max().item() == 0.0, "pos_bias cancels: its gradient must be exactly zero"
     for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (out64, *grads64))):

@@ -32,21 +32,21 @@ def _triton_ops():
     return triton_ops
 
 
-def _run(inputs, grad_out, block_n=0):
+def _run(inputs, grad_out, block_n=0, split_d=False):
     *tensors, grid = inputs
     ts = [t.detach().requires_grad_(True) for t in tensors]
-    out = _triton_ops().gpsa_triton(*ts, grid, block_n=block_n)
+    out = _triton_ops().gpsa_triton(*ts, grid, block_n=block_n, split_d=split_d)
     grads = torch.autograd.grad(out, ts, grad_out.to(out.dtype))
     return out, grads
 
 
-def _check_against_reference(B, H, N, D, dtype, layout="bnhd", block_n=0):
+def _check_against_reference(B, H, N, D, dtype, layout="bnhd", block_n=0, split_d=False):
     inputs = make_gpsa_inputs(B, H, N, D, GRIDS[N], dtype=dtype, device="cuda", layout=layout)
     # Representable in dtype, so its rounding is not counted as the kernel's error.
     grad_out = torch.randn(B, H, N, D, device="cuda").to(dtype).float()
     with _no_tf32():
         out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, grad_out)
-        out, grads = _run(inputs, grad_out, block_n)
+        out, grads = _run(inputs, grad_out, block_n, split_d)
     assert grads[4].abs().max().item() == 0.0
     for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (out64, *grads64))):
         if name == "grad_pos_bias":
@@ -76,6 +76,14 @@ def test_forward_and_gradients_match_reference(dtype, N, D):
 def test_tiled_path_forced_at_small_n(dtype):
     _check_against_reference(2, 3, 196, 48, dtype, block_n=32)
     _check_against_reference(2, 3, 50, 64, dtype, layout="bhnd", block_n=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,D", [(196, 48), (197, 80), (577, 48)])
+def test_split_head_dim(dtype, N, D):
+    """48 = 32 + 16 and 80 = 64 + 16 chunks (split_d=True), whole-row and tiled."""
+    _check_against_reference(2, 3, N, D, dtype, split_d=True)
 
 
 @pytest.mark.gpu
