@@ -1,0 +1,168 @@
+"""The CUDA GPSA kernels (csrc/cuda/*.cu) run on the CPU by a small emulator, against the reference.
+
+No GPU is needed: the .cu sources are compiled by g++ with tests/cuda_emulator/emu_cuda.h standing
+in for the CUDA runtime (threads of a CTA as cooperative fibers with real __syncthreads and warp
+shuffle barriers; CTAs one after the other; shared memory initialised to NaN). This checks the
+kernels' index arithmetic, masking, barriers, the online softmax, the backward algebra and the
+deterministic reductions for float32 and float64 (the emulator does not round fp16/bf16, and
+cannot see memory-model races: tests/test_cuda_gpu.py covers those on a GPU). Each output is
+written into a NaN-filled buffer with guard zones: an unwritten element or a write out of bounds
+fails the test.
+"""
+import ctypes
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from convit_kernels.reference import gpsa_reference
+from convit_kernels.testing import assert_close, make_gpsa_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+EMU_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulator"
+DTYPE_CODES = {torch.float32: 0, torch.float64: 3}  # GpsaDtype in gpsa_cuda.h
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:]+>)?)<<<(.*?)>>>\(")
+SMEM_DECL = "extern __shared__ __align__(16) unsigned char smem_raw[];"
+
+
+def _emulated_source(text):
+    """The .cu text with kernel launches and dynamic shared memory routed to the emulator."""
+    n_smem = text.count(SMEM_DECL)
+    text = text.replace(SMEM_DECL, "unsigned char* smem_raw = emu::dynamic_smem();")
+    text, n_launch = LAUNCH.subn(r"emu::launch(\1, \2)(", text)
+    assert "<<<" not in text, "a kernel launch the emulator transform did not recognise"
+    return text, n_smem, n_launch
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulator")
+    tmp = tmp_path_factory.mktemp("cuda_emu")
+    (tmp / "fake").mkdir()
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+        (tmp / "fake" / name).write_text("#pragma once\n")
+    for header in list(CUDA_DIR.glob("*.h")) + list(CUDA_DIR.glob("*.cuh")):
+        shutil.copy(header, tmp / header.name)
+    sources = []
+    for cu in sorted(CUDA_DIR.glob("*.cu")):
+        text, n_smem, n_launch = _emulated_source(cu.read_text())
+        assert n_launch >= 1, f"no kernel launch found in {cu.name}"
+        out = tmp / (cu.stem + "_emu.cpp")
+        out.write_text(text)
+        sources.append(str(out))
+    lib = tmp / "libgpsa_emu.so"
+    cmd = [gxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-include", str(EMU_DIR / "emu_cuda.h"),
+           f"-I{tmp / 'fake'}", f"-I{tmp}", *sources, str(EMU_DIR / "emu_entry.cpp"), "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the CUDA emulator failed:\n{proc.stderr[-6000:]}"
+    return ctypes.CDLL(str(lib))
+
+
+GUARD = 64  # elements of NaN before and after every output
+
+
+def _guarded(shape, dtype):
+    """A NaN-filled buffer with guard zones; returns (flat buffer, view of the payload)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    flat = torch.full((numel + 2 * GUARD,), float("nan"), dtype=dtype)
+    return flat, flat[GUARD:GUARD + numel].view(*shape)
+
+
+def _check_guards(flat, name):
+    assert torch.isnan(flat[:GUARD]).all() and torch.isnan(flat[-GUARD:]).all(), f"{name}: write out of bounds"
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _strides(*tensors):
+    vals = [s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2))]
+    return (ctypes.c_int64 * len(vals))(*vals)
+
+
+def _emu_forward(lib, q, k, v, w, g, rows, cols, scale):
+    B, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out_flat, out_bnhd = _guarded((B, N, H, D), q.dtype)
+    out = out_bnhd.transpose(1, 2)
+    lse_flat, lse = _guarded((B, H, N), acc)
+    pos_lse = torch.full((H * N,), float("nan"), dtype=acc)
+    sizes = (ctypes.c_int * 6)(B, H, N, D, rows, cols)
+    rc = lib.emu_gpsa_fwd(DTYPE_CODES[q.dtype], sizes, ctypes.c_double(scale), _ptr(q), _ptr(k), _ptr(v),
+                          _strides(q, k, v, out), _ptr(w), _ptr(g), _ptr(out), _ptr(lse), _ptr(pos_lse))
+    assert rc == 0, f"emu_gpsa_fwd returned {rc}"
+    _check_guards(out_flat, "out")
+    _check_guards(lse_flat, "lse")
+    return out, lse
+
+
+def _emu_backward(lib, go, q, k, v, w, g, lse, rows, cols, scale):
+    B, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grads = [_guarded((B, N, H, D), q.dtype) for _ in range(3)]
+    dq, dk, dv = (view.transpose(1, 2) for _, view in grads)
+    dw_flat, dw = _guarded((H, 3), acc)
+    dg_flat, dg = _guarded((H,), acc)
+    ws = (ctypes.c_int64 * 3)()
+    lib.emu_bwd_workspace(B, H, N, ws)
+    pos_lse, delta_c, partials = (torch.full((int(n),), float("nan"), dtype=acc) for n in ws)
+    sizes = (ctypes.c_int * 6)(B, H, N, D, rows, cols)
+    rc = lib.emu_gpsa_bwd(DTYPE_CODES[q.dtype], sizes, ctypes.c_double(scale), _ptr(go), _ptr(q), _ptr(k), _ptr(v),
+                          _strides(go, q, k, v, dq, dk, dv), _ptr(w), _ptr(g), _ptr(lse), _ptr(dq), _ptr(dk),
+                          _ptr(dv), _ptr(dw), _ptr(dg), _ptr(pos_lse), _ptr(delta_c), _ptr(partials))
+    assert rc == 0, f"emu_gpsa_bwd returned {rc}"
+    for (flat, _), name in zip(grads, ("grad_q", "grad_k", "grad_v")):
+        _check_guards(flat, name)
+    _check_guards(dw_flat, "grad_pos_weight")
+    _check_guards(dg_flat, "grad_gating")
+    return dq, dk, dv, dw, dg
+
+
+# (B, H, N, D, grid): whole-row path (N <= 256) incl. N below one key chunk and D = 128; the tiled
+# online-softmax path (N > 256) with a non-square grid and a partial last key chunk.
+CASES = [
+    (2, 2, 50, 24, (5, 10)),
+    (1, 2, 7, 8, (7, 1)),
+    (1, 1, 33, 128, (3, 11)),
+    (1, 1, 300, 40, (15, 20)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("B,H,N,D,grid", CASES, ids=lambda c: str(c))
+def test_emulated_kernels_match_reference(emu_lib, dtype, B, H, N, D, grid):
+    rows, cols = grid
+    gen = torch.Generator().manual_seed(N * 1000 + D)
+    q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    scale = D ** -0.5
+    out, lse = _emu_forward(emu_lib, q, k, v, w, g, rows, cols, scale)
+
+    ref_in = [t.double().requires_grad_(True) for t in (q, k, v, w, b, g)]
+    expected = gpsa_reference(*ref_in, grid, scale)
+    go = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)  # strided too
+    want = torch.autograd.grad(expected, ref_in, go.double())
+    want_lse = torch.logsumexp(scale * ref_in[0].detach() @ ref_in[1].detach().transpose(-2, -1), dim=-1)
+
+    # float64: rounding only (1e-12 of the largest entry). float32: fp32 FMA dots and sums of up to
+    # B*N*N terms round at a few 1e-6 of the largest entry (same bounds as the GPU strict test).
+    rel_out, rel_grad = (1e-12, 1e-11) if dtype == torch.float64 else (2e-5, 5e-5)
+    assert_close(out, expected, atol=rel_out * max(1.0, expected.abs().max().item()), name="out")
+    assert_close(lse, want_lse, atol=rel_out * max(1.0, want_lse.abs().max().item()), name="lse")
+
+    dq, dk, dv, dw, dg = _emu_backward(emu_lib, go, q, k, v, w, g, lse, rows, cols, scale)
+    got = {"grad_q": dq, "grad_k": dk, "grad_v": dv, "grad_pos_weight": dw, "grad_gating": dg}
+    for (name, t), e in zip(got.items(), (want[0], want[1], want[2], want[3], want[5])):
+        assert_close(t, e, atol=rel_grad * max(1.0, e.abs().max().item()), name=name)
+
+    again = _emu_backward(emu_lib, go, q, k, v, w, g, lse, rows, cols, scale)
+    for (name, t), t2 in zip(got.items(), again):
+        assert torch.equal(t, t2), f"{name} differs between identical runs"
