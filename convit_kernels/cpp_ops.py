@@ -98,10 +98,6 @@ class _ZeroGradFor(torch.autograd.Function):
         shape, dtype = ctx.bias_meta
         return grad_out, grad_out.new_zeros(shape, dtype=dtype)
 
-    @staticmethod
-    def jvp(ctx, out_t, bias_t):
-        return out_t
-
 
 def gpsa_cpp(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
     """Backend function of "cpu" and "cuda": GPSA through ``torch.ops.convit_kernels.gpsa_fwd``.
@@ -118,8 +114,14 @@ def gpsa_cpp(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
 
 # ---- backends -----------------------------------------------------------------------------------
 
+# Which kernels the loaded library registered: fixed once it is loaded, so asked once (the probes run
+# inside gpsa_attention, which torch.compile traces; it cannot trace the dispatcher query).
+_HAS_CPU_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels::gpsa_fwd", "CPU")
+_HAS_CUDA_KERNEL = torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels::gpsa_fwd", "CUDA")
+
+
 def _probe_cpu(device_type: str):
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels::gpsa_fwd", "CPU"):
+    if not _HAS_CPU_KERNEL:
         return False, "convit_kernels._C has no CPU kernel for gpsa_fwd (a broken build?)"
     return True, ""
 
@@ -128,7 +130,7 @@ def _probe_cuda(device_type: str):
     reasons = []
     if not torch.cuda.is_available():
         reasons.append("torch.cuda.is_available() is False")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("convit_kernels::gpsa_fwd", "CUDA"):
+    if not _HAS_CUDA_KERNEL:
         reasons.append("convit_kernels._C was built without the CUDA kernels (no CUDA torch or nvcc at build "
                        "time; rebuild with FORCE_CUDA=1 where both are present)")
     if os.environ.get("CONVIT_KERNELS_ENABLE_CUDA", "0") != "1":
