@@ -4,8 +4,9 @@ No GPU is needed: the .cu sources are compiled by g++ with tests/cuda_emulator/e
 in for the CUDA runtime (threads of a CTA as cooperative fibers with real __syncthreads and warp
 shuffle barriers; CTAs one after the other; shared memory initialised to NaN). This checks the
 kernels' index arithmetic, masking, barriers, the online softmax, the backward algebra and the
-deterministic reductions for float32 and float64 (the emulator does not round fp16/bf16, and
-cannot see memory-model races: tests/test_cuda_gpu.py covers those on a GPU). Each output is
+deterministic reductions, for float64, float32, float16 and bfloat16, incl. the tensor-core (WMMA)
+whole-row forward (the emulator cannot see memory-model races: tests/test_cuda_gpu.py covers those
+on a GPU). Each output is
 written into a NaN-filled buffer with guard zones: an unwritten element or a write out of bounds
 fails the test.
 """
@@ -19,12 +20,12 @@ import pytest
 import torch
 
 from convit_kernels.reference import gpsa_reference
-from convit_kernels.testing import assert_close, make_gpsa_inputs
+from convit_kernels.testing import assert_close, make_gpsa_inputs, max_error, reference_errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 EMU_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulator"
-DTYPE_CODES = {torch.float32: 0, torch.float64: 3}  # GpsaDtype in gpsa_cuda.h
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # GpsaDtype in gpsa_cuda.h
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:]+>)?)<<<(.*?)>>>\(")
 SMEM_DECL = "extern __shared__ __align__(16) unsigned char smem_raw[];"
 
@@ -45,7 +46,7 @@ def emu_lib(tmp_path_factory):
         pytest.skip("no C++ compiler (g++) on PATH to build the CUDA emulator")
     tmp = tmp_path_factory.mktemp("cuda_emu")
     (tmp / "fake").mkdir()
-    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h"):
+    for name in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h"):
         (tmp / "fake" / name).write_text("#pragma once\n")
     for header in list(CUDA_DIR.glob("*.h")) + list(CUDA_DIR.glob("*.cuh")):
         shutil.copy(header, tmp / header.name)
@@ -128,41 +129,74 @@ def _emu_backward(lib, go, q, k, v, w, g, lse, rows, cols, scale):
 
 
 # (B, H, N, D, grid): whole-row path (N <= 256) incl. N below one key chunk and D = 128; the tiled
-# online-softmax path (N > 256) with a non-square grid and a partial last key chunk.
+# online-softmax path (N > 256) with a non-square grid and a partial last key chunk. For fp16/bf16,
+# D % 16 == 0 takes the WMMA whole-row kernel (D = 48: three k steps; D = 128: two tiles per warp).
 CASES = [
     (2, 2, 50, 24, (5, 10)),
     (1, 2, 7, 8, (7, 1)),
     (1, 1, 33, 128, (3, 11)),
+    (2, 2, 50, 48, (5, 10)),
     (1, 1, 300, 40, (15, 20)),
 ]
+LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), CASES[0], CASES[4]]
+
+
+def _run_emulated(lib, q, k, v, w, g, grid, go, scale):
+    rows, cols = grid
+    out, lse = _emu_forward(lib, q, k, v, w, g, rows, cols, scale)
+    grads = _emu_backward(lib, go, q, k, v, w, g, lse, rows, cols, scale)
+    again = _emu_backward(lib, go, q, k, v, w, g, lse, rows, cols, scale)
+    for name, t, t2 in zip(("grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_gating"), grads, again):
+        assert torch.equal(t, t2), f"{name} differs between identical runs"
+    return out, lse, grads
+
+
+def _content_lse(q, k, scale):
+    return torch.logsumexp(scale * q.double() @ k.double().transpose(-2, -1), dim=-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("B,H,N,D,grid", CASES, ids=lambda c: str(c))
 def test_emulated_kernels_match_reference(emu_lib, dtype, B, H, N, D, grid):
-    rows, cols = grid
     gen = torch.Generator().manual_seed(N * 1000 + D)
     q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
     scale = D ** -0.5
-    out, lse = _emu_forward(emu_lib, q, k, v, w, g, rows, cols, scale)
+    go = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)  # strided too
+    out, lse, (dq, dk, dv, dw, dg) = _run_emulated(emu_lib, q, k, v, w, g, grid, go, scale)
 
     ref_in = [t.double().requires_grad_(True) for t in (q, k, v, w, b, g)]
     expected = gpsa_reference(*ref_in, grid, scale)
-    go = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)  # strided too
     want = torch.autograd.grad(expected, ref_in, go.double())
-    want_lse = torch.logsumexp(scale * ref_in[0].detach() @ ref_in[1].detach().transpose(-2, -1), dim=-1)
-
+    want_lse = _content_lse(q, k, scale)
     # float64: rounding only (1e-12 of the largest entry). float32: fp32 FMA dots and sums of up to
     # B*N*N terms round at a few 1e-6 of the largest entry (same bounds as the GPU strict test).
     rel_out, rel_grad = (1e-12, 1e-11) if dtype == torch.float64 else (2e-5, 5e-5)
     assert_close(out, expected, atol=rel_out * max(1.0, expected.abs().max().item()), name="out")
     assert_close(lse, want_lse, atol=rel_out * max(1.0, want_lse.abs().max().item()), name="lse")
-
-    dq, dk, dv, dw, dg = _emu_backward(emu_lib, go, q, k, v, w, g, lse, rows, cols, scale)
     got = {"grad_q": dq, "grad_k": dk, "grad_v": dv, "grad_pos_weight": dw, "grad_gating": dg}
     for (name, t), e in zip(got.items(), (want[0], want[1], want[2], want[3], want[5])):
         assert_close(t, e, atol=rel_grad * max(1.0, e.abs().max().item()), name=name)
 
-    again = _emu_backward(emu_lib, go, q, k, v, w, g, lse, rows, cols, scale)
-    for (name, t), t2 in zip(got.items(), again):
-        assert torch.equal(t, t2), f"{name} differs between identical runs"
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("B,H,N,D,grid", LOW_CASES, ids=lambda c: str(c))
+def test_emulated_low_precision_by_the_2x_rule(emu_lib, dtype, B, H, N, D, grid):
+    gen = torch.Generator().manual_seed(N * 1000 + D + 7)
+    inputs = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    q, k, v, w, b, g, _ = inputs
+    scale = D ** -0.5
+    go = torch.randn(B, N, H, D, generator=gen).to(dtype).transpose(1, 2)
+    out, lse, grads = _run_emulated(emu_lib, q, k, v, w, g, grid, go, scale)
+    out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, go.float())
+    # DESIGN.md section 4: at most 2x (3x for gradients) the error of the reference run in dtype.
+    err = max_error(out, out64)
+    assert err <= 2.0 * ref_err_out + 1e-6, f"out: max error {err:.3e} > 2 x reference {ref_err_out:.3e}"
+    for name, t, e, ref_err in zip(("grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_gating"), grads,
+                                   (grads64[0], grads64[1], grads64[2], grads64[3], grads64[5]),
+                                   (ref_err_grads[0], ref_err_grads[1], ref_err_grads[2], ref_err_grads[3],
+                                    ref_err_grads[5])):
+        err = max_error(t, e)
+        assert err <= 3.0 * ref_err + 1e-6, f"{name}: max error {err:.3e} > 3 x reference {ref_err:.3e}"
+    # lse: fp32 sums of products of dtype inputs; relative rounding ~1e-6 of the largest logit.
+    want_lse = _content_lse(q, k, scale)
+    assert_close(lse, want_lse, atol=1e-5 * max(1.0, want_lse.abs().max().item()), name="lse")

@@ -4,6 +4,8 @@
 // Per (b, h) and query row i, with s = sigmoid(gating[h]) and z_ij = w_h . (dx, dy, dx^2 + dy^2):
 //   out_i = sum_j ((1 - s) softmax_j(scale q_i . k_j) + s softmax_j(z_ij)) v_j
 //   lse_i = logsumexp_j(scale q_i . k_j)
+#include <mma.h>
+
 #include "gpsa_common.cuh"
 
 namespace convit_kernels {
@@ -240,6 +242,162 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_kernel(FwdArgs<T> a) 
   }
 }
 
+// Whole-row forward on tensor cores, for fp16/bf16 with D % 16 == 0 (sm_80+): the structure of
+// gpsa_fwd_wholerow_kernel with both matmuls as WMMA m16n16k16 (fp32 accumulation), so D = 48 is
+// three 16-wide k steps, no padding to 64. Q, K, V and the mixed probabilities live in shared
+// memory in T (the probabilities rounded to T once, as flash attention rounds P), scores and the
+// output tile in fp32.
+// 1. S (16 x n_pad, fp32) = Q K^T: keys in chunks of 64, warp w computes the 16 x 16 tile of keys
+//    j0 + 16 w .. j0 + 16 w + 15 over D / 16 k steps;
+// 2. one warp per row (as before): scale, mask, both softmaxes, the mix, rounded to T into p_t;
+// 3. out (16 x D) = P V: output tile t (columns 16 t .. 16 t + 15) belongs to warp t % 4, which
+//    accumulates it over all keys, 16 per k step.
+// Grid: (ceil(N / kBlockM), H, B); block: kThreads; dynamic shared memory: mma_smem_bytes.
+constexpr int kMmaKeyChunk = 64;                     // keys per staged K / V chunk: 16 per warp
+constexpr int kMmaMaxOutTiles = kMaxHeadDim / 16 / kWarps;  // output tiles per warp at D = 128: 2
+static_assert(kBlockM == 16, "one WMMA tile covers the CTA's query rows");
+static_assert(kMmaKeyChunk == 16 * kWarps, "one 16-key tile per warp in step 1");
+
+// Shared-memory carve-up of the MMA kernel; every region starts on a 128-byte boundary (WMMA needs
+// 32-byte aligned tile pointers).
+struct MmaSmem {
+  size_t q, kv, s, p, o, total;
+};
+__host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+__host__ __device__ inline MmaSmem mma_smem_layout(int n_pad, int D, size_t elem) {
+  MmaSmem m;
+  m.q = 0;                                                        // [kBlockM][D] T
+  m.kv = m.q + align128(size_t(kBlockM) * D * elem);              // [kMmaKeyChunk][D] T
+  m.s = m.kv + align128(size_t(kMmaKeyChunk) * D * elem);         // [kBlockM][n_pad] float
+  m.p = m.s + align128(size_t(kBlockM) * n_pad * sizeof(float));  // [kBlockM][n_pad] T
+  m.o = m.p + align128(size_t(kBlockM) * n_pad * elem);           // [kBlockM][D] float
+  m.total = m.o + align128(size_t(kBlockM) * D * sizeof(float));
+  return m;
+}
+
+// Raw copy of `count` rows (zeros past N) into shared memory in T, row stride D.
+template <typename T>
+__device__ __forceinline__ void load_rows_raw(T* dst, const T* src, int64_t stride_n, int row0, int count, int N,
+                                              int D) {
+  for (int e = threadIdx.x; e < count * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const int n = row0 + r;
+    dst[r * D + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_mma_kernel(FwdArgs<T> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int N = a.N, D = a.D;
+  const int n_pad = ceil_div(N, kMmaKeyChunk) * kMmaKeyChunk;
+  const MmaSmem lay = mma_smem_layout(n_pad, D, sizeof(T));
+  T* q_t = reinterpret_cast<T*>(smem_raw + lay.q);
+  T* kv_t = reinterpret_cast<T*>(smem_raw + lay.kv);
+  float* s_f = reinterpret_cast<float*>(smem_raw + lay.s);
+  T* p_t = reinterpret_cast<T*>(smem_raw + lay.p);
+  float* o_f = reinterpret_cast<float*>(smem_raw + lay.o);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBlockM;
+  const T* q = a.q + b * a.qs.b + h * a.qs.h;
+  const T* k = a.k + b * a.ks.b + h * a.ks.h;
+  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const float w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
+  const float s = sigmoid(a.gating[h]);
+  const int k_steps = D / 16;
+
+  load_rows_raw(q_t, q, a.qs.n, i0, kBlockM, N, D);  // rows past N are zeros: finite, never written
+
+  // 1. raw scores Q K^T (scale and mask come in step 2)
+  for (int j0 = 0; j0 < n_pad; j0 += kMmaKeyChunk) {
+    __syncthreads();  // kv_t is free (and q_t loaded)
+    load_rows_raw(kv_t, k, a.ks.n, j0, kMmaKeyChunk, N, D);
+    __syncthreads();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < k_steps; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa;  // Q[r][16 kk + c]
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;  // K^T: (c, n) = K[16 w + n][16 kk + c]
+      wmma::load_matrix_sync(qa, q_t + 16 * kk, D);
+      wmma::load_matrix_sync(kb, kv_t + 16 * warp * D + 16 * kk, D);
+      wmma::mma_sync(acc, qa, kb, acc);
+    }
+    wmma::store_matrix_sync(s_f + j0 + 16 * warp, acc, n_pad, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  // 2. per row: both softmaxes, exact, mixed; rounded to T once
+  for (int u = 0; u < kRowsPerWarp; ++u) {
+    const int r = warp + kWarps * u, i = i0 + r;
+    const float* row = s_f + r * n_pad;
+    float m = neg_inf<float>();
+    for (int j = lane; j < N; j += 32) m = fmax(m, a.scale * row[j]);
+    m = warp_max(m);  // finite: key 0 is valid
+    float l = 0.0f;
+    for (int j = lane; j < N; j += 32) l += acc_exp(a.scale * row[j] - m);
+    l = warp_sum(l);
+    const float inv_l = 1.0f / l;
+    const float plse = i < N ? a.pos_lse[int64_t(h) * N + i] : 0.0f;
+    for (int j = lane; j < n_pad; j += 32) {
+      float mix = 0.0f;
+      if (i < N && j < N) {
+        const float p_c = acc_exp(a.scale * row[j] - m) * inv_l;
+        const float p_p = acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse);
+        mix = (1.0f - s) * p_c + s * p_p;
+      }
+      p_t[r * n_pad + j] = from_acc<T>(mix);
+    }
+    if (lane == 0 && i < N) a.lse[(int64_t(b) * a.H + h) * N + i] = m + acc_log(l);
+  }
+
+  // 3. out = P V; output tile t = warp + kWarps * slot
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> out_acc[kMmaMaxOutTiles];
+  for (int slot = 0; slot < kMmaMaxOutTiles; ++slot) wmma::fill_fragment(out_acc[slot], 0.0f);
+  for (int j0 = 0; j0 < n_pad; j0 += kMmaKeyChunk) {
+    __syncthreads();  // step 2 done / previous V chunk consumed
+    load_rows_raw(kv_t, v, a.vs.n, j0, kMmaKeyChunk, N, D);  // keys past N: zeros (their weights are 0 too)
+    __syncthreads();
+    for (int slot = 0; slot < kMmaMaxOutTiles; ++slot) {
+      const int t = warp + kWarps * slot;
+      if (t >= k_steps) break;  // warp-uniform
+      for (int kk = 0; kk < kMmaKeyChunk / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;  // P[r][j0 + 16 kk + c]
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;  // V[j0 + 16 kk + c][16 t + n]
+        wmma::load_matrix_sync(pa, p_t + j0 + 16 * kk, n_pad);
+        wmma::load_matrix_sync(vb, kv_t + 16 * kk * D + 16 * t, D);
+        wmma::mma_sync(out_acc[slot], pa, vb, out_acc[slot]);
+      }
+    }
+  }
+  for (int slot = 0; slot < kMmaMaxOutTiles; ++slot) {
+    const int t = warp + kWarps * slot;
+    if (t < k_steps) wmma::store_matrix_sync(o_f + 16 * t, out_acc[slot], D, wmma::mem_row_major);
+  }
+  __syncthreads();
+  T* out = a.out + b * a.os.b + h * a.os.h;
+  for (int e = tid; e < kBlockM * D; e += kThreads) {
+    const int r = e / D, d = e % D, i = i0 + r;
+    if (i < N) out[int64_t(i) * a.os.n + d] = from_acc<T>(o_f[r * D + d]);
+  }
+#else
+  __trap();  // launched only on sm_80+ (see fwd_typed)
+#endif
+}
+
+// Whether the tensor-core whole-row kernel serves this call: 16-bit inputs, D a multiple of 16,
+// N <= kWholeRowMaxN, a device of compute capability 8.0 or newer.
+template <typename T>
+bool use_mma_path(int N, int D) {
+  if (D % 16 != 0 || N > kWholeRowMaxN) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
 template <typename Acc>
 size_t wholerow_smem_bytes(int N, int D) {
   const int n_pad = ceil_div(N, kKeyChunk) * kKeyChunk;
@@ -281,6 +439,12 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
   a.scale = Acc(p.scale);
   const dim3 grid(ceil_div(p.N, kBlockM), p.H, p.B);
+  if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
+    if (use_mma_path<T>(p.N, p.D))
+      return launch_with_smem(gpsa_fwd_wholerow_mma_kernel<T>, grid,
+                              mma_smem_layout(ceil_div(p.N, kMmaKeyChunk) * kMmaKeyChunk, p.D, sizeof(T)).total,
+                              stream, a);
+  }
   if (p.N <= kWholeRowMaxN)
     return launch_with_smem(gpsa_fwd_wholerow_kernel<T>, grid, wholerow_smem_bytes<Acc>(p.N, p.D), stream, a);
   return launch_with_smem(gpsa_fwd_tiled_kernel<T>, grid, tiled_smem_bytes<Acc>(p.D), stream, a);

@@ -5,8 +5,9 @@
 // other. __syncthreads and warp shuffles are real barriers: a thread stops there until every
 // thread of its block / warp arrives, so a missing barrier or a wrong lane index shows up as a
 // wrong result. Dynamic shared memory starts filled with NaN bytes, so reading shared memory that
-// was never written poisons the output. Not emulated: fp16/bf16 rounding (the types hold a float;
-// only float32 and float64 are checked), memory-model races between unsynchronised threads.
+// was never written poisons the output. fp16/bf16 are real 16-bit types (round to nearest even);
+// WMMA tiles are computed whole by every lane (fp32 FMA). Not emulated: memory-model races between
+// unsynchronised threads, the order of the tensor cores' internal sums.
 // Force-included (g++ -include) ahead of the kernels; cuda_runtime.h & co. are empty stand-ins.
 #pragma once
 
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <algorithm>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 using std::exp;
@@ -46,12 +48,41 @@ template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
-struct __half { float f; };
-struct __nv_bfloat16 { float f; };
-inline float __half2float(__half h) { return h.f; }
-inline float __bfloat162float(__nv_bfloat16 h) { return h.f; }
-inline __half __float2half_rn(float f) { return __half{f}; }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{f}; }
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75 };
+inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 9;  // an sm_90 device: the tensor-core paths are taken
+  return cudaSuccess;
+}
+
+// 16-bit floats with the storage and round-to-nearest-even of the real types (torch tensors of
+// float16 / bfloat16 are passed straight in).
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return float(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = _Float16(x);
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t(0x7fc0)};  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{uint16_t(u >> 16)};
+}
 
 namespace emu {
 
@@ -192,3 +223,69 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   std::memcpy(&out, &s.shuffle[warp * 32 + (lane ^ unsigned(lane_mask))], sizeof(T));
   return out;
 }
+
+// WMMA m16n16k16: every lane holds the whole tile (the real fragment is spread over the warp; the
+// API is warp-collective and opaque, so the results are the same). Pointer alignment and leading
+// dimensions are checked as the hardware requires them.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "emu: only m16n16k16");
+  float x[16 * 16];  // x[row * 16 + col] of the tile (A: 16 x K, B: K x 16, C: 16 x 16)
+};
+
+inline float emu_value(__half h) { return __half2float(h); }
+inline float emu_value(__nv_bfloat16 h) { return __bfloat162float(h); }
+inline float emu_value(float f) { return f; }
+
+inline void emu_check(const void* p, unsigned ld, size_t elem, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * elem) % 16 != 0) {
+    std::fprintf(stderr, "emu: %s: pointer %p not 32-byte aligned or ld %u not a multiple of 16 bytes\n", what, p,
+                 ld);
+    std::abort();
+  }
+}
+
+template <typename F>
+inline void fill_fragment(F& f, float v) {
+  for (float& e : f.x) e = v;
+}
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+  emu_check(p, ld, sizeof(T), "load_matrix_sync");
+  constexpr bool row = std::is_same<Layout, row_major>::value;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = emu_value(row ? p[r * ld + c] : p[c * ld + r]);
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, TB, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16 * 16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) acc = std::fma(a.x[m * 16 + k], b.x[k * 16 + n], acc);
+      out[m * 16 + n] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld,
+                              layout_t layout) {
+  emu_check(p, ld, sizeof(float), "store_matrix_sync");
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ld + c] : p[c * ld + r]) = f.x[r * 16 + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda
