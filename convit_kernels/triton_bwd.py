@@ -30,12 +30,17 @@ from .triton_fwd import (
 
 __all__ = ["gpsa_bwd_launch"]
 
-# Chosen like the forward sets: configs that compile for sm_90 (bf16, D = 48, N = 196) with at most
-# ~100 bytes of register spill per thread.
-_DQ_WHOLE_ROW_CONFIGS = _configs([_cfg(16, 4), _cfg(16, 8), _cfg(32, 8)], _cfg(16, 4))
-_DQ_TILED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2), _cfg(128, 8, 2)], _cfg(16, 4))
+# Chosen like the forward sets (see triton_fwd): whole-row and tiled candidates for N <= 256.
+# Some whole-row dq configs compile badly for sm_90 (D = 16 or 128: ~6 KB of stack per thread),
+# so the tiled ones must stay in the running.
+_DQ_WHOLE = [_cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16),
+             _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
+_DQ_TILED = [_cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
+_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_DQ_LONG_CONFIGS = _configs(_DQ_TILED, _cfg(16, 4, BLOCK_N=32))
+_DQ_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 # Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.
-_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_WHOLE_ROW_CONFIGS + _DQ_TILED_CONFIGS)
+_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_SHORT_CONFIGS + _DQ_LONG_CONFIGS + _DQ_FORCED_CONFIGS)
 
 _DKV_CONFIGS = _configs(
     [_cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64)],
@@ -53,15 +58,18 @@ def _gpsa_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     H, N, cols, scale, n_part,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, IEEE: tl.constexpr,
+    ROW_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """dQ, delta_c / delta_p and the dw/dg partials of BLOCK_M queries of one (batch, head).
 
-    Grid: (cdiv(N, BLOCK_M), B * H). DELTA is (2, B*H, N) float32; PART is (B*H, n_part, 4) float32
+    Grid: (cdiv(N, BLOCK_M) * B * H,), ordered like the forward's. DELTA is (2, B*H, N) float32; PART is (B*H, n_part, 4) float32
     and this program writes slot [bh, pid_m] = (dw0, dw1, dw2, sum_i delta_p - delta_c).
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
     b = bh // H
     h = bh % H
     q_base = Q + b * stride_qb + h * stride_qh
@@ -94,8 +102,8 @@ def _gpsa_bwd_dq_kernel(
     acc_w0 = tl.zeros([BLOCK_M], tl.float32)
     acc_w1 = tl.zeros([BLOCK_M], tl.float32)
     acc_w2 = tl.zeros([BLOCK_M], tl.float32)
-    if WHOLE_ROW:
-        offs_n = tl.arange(0, BLOCK_N)
+    if WHOLE_ROW:  # ROW_N = next_pow2(N) >= N: one tile holds the whole row
+        offs_n = tl.arange(0, ROW_N)
         valid = offs_n[None, :] < N
         k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
         v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
@@ -192,11 +200,13 @@ def _gpsa_bwd_dkv_kernel(
 ):
     """dK and dV of BLOCK_N keys of one (batch, head), sweeping all queries BLOCK_M at a time.
 
-    Grid: (cdiv(N, BLOCK_N), B * H). Works on transposed tiles [key, query] so that both products
-    (dV += M^T g, dK += dS^T Q) are plain matmuls.
+    Grid: (cdiv(N, BLOCK_N) * B * H,), the key blocks of one (batch, head) adjacent. Works on
+    transposed tiles [key, query] so that both products (dV += M^T g, dK += dS^T Q) are plain matmuls.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    bh = pid // num_n
     b = bh // H
     h = bh % H
     q_base = Q + b * stride_qb + h * stride_qh
@@ -261,8 +271,9 @@ def _gpsa_bwd_dkv_kernel(
         _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, N, HEAD_DIM)
 
 
-_gpsa_bwd_dq_whole_row = triton.autotune(configs=_DQ_WHOLE_ROW_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
-_gpsa_bwd_dq_tiled = triton.autotune(configs=_DQ_TILED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_bwd_dq_kernel)
+_gpsa_bwd_dq_short = triton.autotune(configs=_DQ_SHORT_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
+_gpsa_bwd_dq_long = triton.autotune(configs=_DQ_LONG_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
+_gpsa_bwd_dq_forced = triton.autotune(configs=_DQ_FORCED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_bwd_dq_kernel)
 _gpsa_bwd_dkv = triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dkv_kernel)
 
 
@@ -277,7 +288,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     """
     B, H, N, D = q.shape
     d0, d1 = head_dim_split(D, split_d)
-    whole_row, bn = choose_path(N, block_n)
+    mode, path_args = choose_path(N, block_n)
     pos_weight = pos_weight.contiguous()
     gating = gating.contiguous()
     grads = [torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3)]
@@ -292,12 +303,12 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     ieee = q.dtype == torch.float32
 
     def dq_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     def dkv_grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
 
-    dq_kernel = _gpsa_bwd_dq_whole_row if whole_row else _gpsa_bwd_dq_tiled
+    dq_kernel = dict(short=_gpsa_bwd_dq_short, long=_gpsa_bwd_dq_long, forced=_gpsa_bwd_dq_forced)[mode]
     wrap(dq_kernel)[dq_grid](
         q, k, v, grad_out, lse, pos_lse, pos_weight, gating, dq, delta, part,
         q.stride(0), q.stride(1), q.stride(2),
@@ -306,7 +317,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, N, cols, scale, n_part,
-        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_N=bn, WHOLE_ROW=whole_row, IEEE=ieee,
+        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=max(16, triton.next_power_of_2(N)), IEEE=ieee, **path_args,
     )
     wrap(_gpsa_bwd_dkv)[dkv_grid](
         q, k, v, grad_out, lse, pos_lse, delta, pos_weight, gating, dk, dv,

@@ -7,7 +7,7 @@ Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
   call and costs H x N x N exponentials, nothing next to the attention itself.
 - ``_gpsa_fwd_kernel``: one program = BLOCK_M queries of one (batch, head). Positional logits are
   formed in registers from the row/col indices of the patch grid; nothing of size N x N is read.
-  Whole-row path (``WHOLE_ROW``, N <= 256): the program holds the full rows of scores, takes the
+  Whole-row path (``WHOLE_ROW``, a candidate for N <= 256): the program holds the full rows of scores, takes the
   exact content softmax, mixes it with the exact positional probabilities and does ONE matmul with
   V. Tiled path: online softmax for the content branch over key blocks, the positional branch
   (exact thanks to the precomputed statistics) accumulated beside it, mixed at the end.
@@ -55,8 +55,9 @@ def head_dim_split(D: int, split: bool = False) -> tuple[int, int]:
     return d0, d1
 
 
-def _configs(whole_row_configs, interpret_config):
-    return [interpret_config] if INTERPRET else whole_row_configs
+def _configs(gpu_configs, interpret_config):
+    # One config under the interpreter: its autotuner then runs the kernel once instead of timing it.
+    return [interpret_config] if INTERPRET else gpu_configs
 
 
 def _cfg(block_m, warps, stages=1, **extra):
@@ -170,13 +171,20 @@ def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda ke
 # --------------------------------------------------------------------------------------------
 # The forward kernel.
 
-# Autotuning: one small config set per path, keyed on (N, D) and, by Triton, the argument dtypes.
-# Whole-row: BLOCK_M x next_pow2(N) scores live in a few copies, so BLOCK_M stays small.
-# The sets keep the configs that compile for sm_90 (bf16, D = 48, N = 196) without spilling more than
-# a few dozen bytes per thread (cuobjdump resource usage; e.g. BLOCK_M 32 x 4 warps and 64 x 8 warps
-# spill 288 / 472 bytes on the whole-row path and were dropped).
-_FWD_WHOLE_ROW_CONFIGS = _configs([_cfg(16, 4), _cfg(16, 8), _cfg(32, 8)], _cfg(16, 4))
-_FWD_TILED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 4, 2), _cfg(64, 8, 2), _cfg(128, 8, 2)], _cfg(16, 4))
+# Autotuning, keyed on (N, D) and, by Triton, the argument dtypes. For N <= WHOLE_ROW_MAX_N the
+# candidates are whole-row configs AND tiled ones (a whole row is not always the fastest: where it
+# spills registers, e.g. D = 128, a tiled config wins); beyond, tiled configs only; with a forced
+# key block (block_n > 0), tiled configs without BLOCK_N. The sets keep configs that compile for
+# sm_90 (bf16, D = 48, N = 196) with at most a few dozen bytes of register spill per thread
+# (cuobjdump resource usage; e.g. whole-row BLOCK_M 32 x 4 warps and 64 x 8 warps spill 288 / 472
+# bytes and were dropped).
+_FWD_WHOLE = [_cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16),
+              _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
+_FWD_TILED = [_cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64),
+              _cfg(128, 8, 2, BLOCK_N=64)]
+_FWD_SHORT_CONFIGS = _configs(_FWD_WHOLE + _FWD_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_FWD_LONG_CONFIGS = _configs(_FWD_TILED, _cfg(16, 4, BLOCK_N=32))
+_FWD_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 
 
 @triton.jit
@@ -188,15 +196,21 @@ def _gpsa_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, N, cols, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, IEEE: tl.constexpr,
+    ROW_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """GPSA output for BLOCK_M queries of one (batch, head); grid (cdiv(N, BLOCK_M), B * H).
+    """GPSA output for BLOCK_M queries of one (batch, head).
+
+    Grid: (cdiv(N, BLOCK_M) * B * H,), one axis so that B * H may pass CUDA's 65535 limit on the
+    other axes; consecutive programs share a (batch, head) and so its K and V in L2.
 
     Writes OUT rows (in q's dtype, at OUT's strides) and LSE[b, h, i], the log-sum-exp of the
     scaled content logits (float32), which the backward uses to rebuild the content softmax.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
     b = bh // H
     h = bh % H
     q_base = Q + b * stride_qb + h * stride_qh
@@ -219,8 +233,8 @@ def _gpsa_fwd_kernel(
     pos_lse = tl.load(POS_LSE + h * N + offs_m, mask=offs_m < N, other=float("inf"))
     v_ty = V.dtype.element_ty
 
-    if WHOLE_ROW:
-        offs_n = tl.arange(0, BLOCK_N)
+    if WHOLE_ROW:  # ROW_N = next_pow2(N) >= N: one tile holds the whole row
+        offs_n = tl.arange(0, ROW_N)
         k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
         k1 = k0
         if D1 > 0:
@@ -285,19 +299,27 @@ def _gpsa_fwd_kernel(
     tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
 
-_gpsa_fwd_whole_row = triton.autotune(configs=_FWD_WHOLE_ROW_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_fwd_kernel)
-_gpsa_fwd_tiled = triton.autotune(configs=_FWD_TILED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_fwd_kernel)
+_gpsa_fwd_short = triton.autotune(configs=_FWD_SHORT_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_fwd_kernel)
+_gpsa_fwd_long = triton.autotune(configs=_FWD_LONG_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_fwd_kernel)
+_gpsa_fwd_forced = triton.autotune(configs=_FWD_FORCED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_fwd_kernel)
 
 
-def choose_path(N: int, block_n: int) -> tuple[bool, int]:
-    """(whole_row, BLOCK_N) for N keys; ``block_n > 0`` forces the tiled path with that key block."""
+def choose_path(N: int, block_n: int) -> tuple[str, dict]:
+    """How the kernels run N keys: ``(mode, fixed launch arguments)``.
+
+    "short" (N <= WHOLE_ROW_MAX_N): the autotuner picks among whole-row and tiled configs.
+    "long": tiled configs only. "forced" (``block_n > 0``, a power of two >= 16): the tiled
+    online-softmax path with that key block, e.g. to test it at a small N.
+    """
+    if isinstance(block_n, bool) or not isinstance(block_n, int):
+        raise TypeError(f"block_n must be an int; got {type(block_n).__name__}")
     if block_n < 0 or (block_n and (block_n < 16 or block_n & (block_n - 1))):
         raise ValueError(f"block_n must be 0 (automatic) or a power of two >= 16; got {block_n}")
     if block_n:
-        return False, block_n
+        return "forced", dict(WHOLE_ROW=False, BLOCK_N=block_n)
     if N <= WHOLE_ROW_MAX_N:
-        return True, max(16, triton.next_power_of_2(N))
-    return False, 32 if INTERPRET else 64
+        return "short", {}
+    return "long", dict(WHOLE_ROW=False)
 
 
 def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: float, block_n: int = 0,
@@ -312,7 +334,7 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
     """
     B, H, N, D = q.shape
     d0, d1 = head_dim_split(D, split_d)
-    whole_row, bn = choose_path(N, block_n)
+    mode, path_args = choose_path(N, block_n)
     pos_weight = pos_weight.contiguous()
     gating = gating.contiguous()
     out = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -322,9 +344,9 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
     pos_lse = pos_stats_launch(pos_weight, N, cols, wrap)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
-    kernel = _gpsa_fwd_whole_row if whole_row else _gpsa_fwd_tiled
+    kernel = dict(short=_gpsa_fwd_short, long=_gpsa_fwd_long, forced=_gpsa_fwd_forced)[mode]
     wrap(kernel)[grid](
         q, k, v, out, lse, pos_lse, pos_weight, gating,
         q.stride(0), q.stride(1), q.stride(2),
@@ -332,6 +354,7 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, N, cols, scale,
-        HEAD_DIM=D, D0=d0, D1=d1, BLOCK_N=bn, WHOLE_ROW=whole_row, IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=max(16, triton.next_power_of_2(N)), IEEE=q.dtype == torch.float32,
+        **path_args,
     )
     return out, lse

@@ -110,9 +110,10 @@ def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, bl
 def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, block_n=0, split_d=False):
     """``gpsa_attention(..., backend="triton")`` with the kernel's path exposed.
 
-    Same arguments and result as ``convit_kernels.gpsa_attention``. ``block_n``: 0 picks the path
-    (whole-row for N <= 256, else tiled with 64-key blocks); a power of two >= 16 forces the tiled
-    online-softmax path with that key block, e.g. to test it at a small N. ``split_d``: run the head
+    Same arguments and result as ``convit_kernels.gpsa_attention``. ``block_n``: 0 lets the
+    autotuner choose (whole-row or tiled configs for N <= 256, tiled beyond); a power of two >= 16
+    forces the tiled online-softmax path with that key block, e.g. to test it at a small N.
+    ``split_d``: run the head
     dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk (see
     ``triton_fwd.head_dim_split``); both give the same results up to rounding.
     """

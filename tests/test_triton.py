@@ -83,13 +83,13 @@ def test_forward_and_all_gradients_match_reference(case):
 
 def test_auto_path_is_tiled_beyond_256_keys(monkeypatch):
     fwd = triton_ops.triton_fwd
-    assert fwd.choose_path(196, 0) == (True, 256)
-    assert fwd.choose_path(256, 0)[0] is True
-    assert fwd.choose_path(257, 0)[0] is False
-    assert fwd.choose_path(50, 16) == (False, 16)
+    assert fwd.choose_path(196, 0)[0] == "short"   # whole-row configs among the candidates
+    assert fwd.choose_path(256, 0)[0] == "short"
+    assert fwd.choose_path(257, 0)[0] == "long"
+    assert fwd.choose_path(50, 16) == ("forced", dict(WHOLE_ROW=False, BLOCK_N=16))
     # The automatic switch end to end, with the threshold lowered so that the interpreter stays quick.
     monkeypatch.setattr(fwd, "WHOLE_ROW_MAX_N", 32)
-    assert fwd.choose_path(40, 0)[0] is False
+    assert fwd.choose_path(40, 0)[0] == "long"
     inputs = make_gpsa_inputs(1, 2, 40, 16, (5, 8), device=DEVICE)
     grad_out = torch.randn(1, 2, 40, 16, device=DEVICE)
     out, grads = _run_triton(inputs, grad_out)
