@@ -1,0 +1,433 @@
+"""Train and evaluate ConViT with the DeiT recipe: ``convit-train`` / ``python -m convit.train``.
+
+With no arguments it trains a small ConViT on scikit-learn's 8x8 digits on the CPU (a couple of
+minutes, >= 95% validation accuracy). With ``--data-path`` it trains on an ImageFolder tree
+(ImageNet), one GPU to many under ``torchrun`` (DistributedDataParallel). The file reads top to
+bottom: set-up (distributed, device, model), evaluation, then ``train(config)``, the loop itself,
+and ``main``.
+
+Reproducibility: every step reseeds torch (drop path), the batch augmentations and their noise
+from (seed, rank, epoch, batch), and every image's augmentation is seeded by the sampler; with
+the optimizer, schedule and meters restored from a checkpoint, a run resumed at any step (even
+after SIGKILL, with ``--save-every``) ends with exactly the weights of an uninterrupted run on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint as official_checkpoint
+from .batch_augment import Mixup, RandomErasing, soft_target_cross_entropy
+from .checkpointing import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
+                            resume_path, save_checkpoint)
+from .config import TrainConfig, parse_config
+from .data import build_datasets, collate
+from .locality import layer_locality_stats
+from .models import ConViT, create_model
+from .optim import WarmupCosineSchedule, create_optimizer, scaled_lr
+from .samplers import BatchPlan, EvalSampler, TrainSampler, mix_seed
+
+__all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------- set-up
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_type: str) -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return Dist(rank, world, local_rank)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local_rank, initialised_here=True)
+
+
+def resolve_runtime(config: TrainConfig) -> TrainConfig:
+    """Fill the fields whose default depends on the machine or the data: device, amp, model, workers."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    amp = config.amp or ("bf16" if device.startswith("cuda") else "none")
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise ValueError("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+    on_digits = not config.data_path and not config.synthetic
+    model = config.model or ("convit_digits" if on_digits else "convit_small")
+    workers = config.num_workers if config.num_workers is not None else (
+        min(10, os.cpu_count() or 1) if config.data_path else 0)
+    return config.replace(device=device, amp=amp, model=model, num_workers=workers)
+
+
+def build_model(config: TrainConfig, num_classes: int, in_chans: int, input_size: int) -> ConViT:
+    """The ConViT ``config.model`` names; ``convit_digits`` is the small model of the default run."""
+    common = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=config.drop,
+                  drop_path_rate=config.drop_path, local_up_to_layer=config.local_up_to_layer,
+                  locality_strength=config.locality_strength, gpsa_backend=config.gpsa_backend)
+    if config.embed_dim is not None:
+        common["embed_dim"] = config.embed_dim
+    if config.model == "convit_digits":
+        # 2x2 patches: a 4x4 grid of 16 tokens (one token per pixel trains far slower on 8x8 digits);
+        # 4 heads, so the local init centres them on the 2x2 neighbourhood of offsets.
+        return ConViT(img_size=input_size, patch_size=2, depth=6, num_heads=4, mlp_ratio=2.0,
+                      **dict(dict(embed_dim=64), **common))
+    return create_model(config.model, img_size=input_size, **common)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _all_reduce_sum(values, device, world: Dist):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world.world_size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model, loader, device, amp: str, world: Dist) -> dict:
+    """Loss, top-1 and top-5 (in %) over the whole validation set, summed across ranks."""
+    model.eval()
+    loss_sum = correct1 = correct5 = count = 0.0
+    for images, targets, _ in loader:
+        if images is None:
+            continue
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        hits = top.eq(targets.view(-1, 1))
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=-1).sum().item()
+        count += targets.numel()
+    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], device, world)
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count,
+            "images": int(count)}
+
+
+# -------------------------------------------------------------------------------------- training
+def train(config: TrainConfig) -> dict:
+    """Run (or, with ``config.eval``, only evaluate) as ``config`` says; return a summary dict:
+    best_acc1, final test stats, epochs/steps done, time_s, train_images_per_s, n_parameters,
+    skipped_images, output_dir, log (one dict per epoch, as written to log.txt)."""
+    config = resolve_runtime(config.validate())
+    world = setup_distributed(torch.device(config.device).type)
+    try:
+        return _train(config, world)
+    finally:
+        if world.initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, world: Dist) -> dict:
+    device = torch.device(config.device)
+    if device.type == "cuda" and world.world_size > 1:
+        device = torch.device("cuda", world.local_rank)
+    say = print if world.is_main else (lambda *a, **k: None)
+    say("convit-train configuration:\n" + json.dumps(config.to_dict(), indent=1))
+
+    # Data first: wrong paths and empty class folders fail here, before any model is built.
+    data = build_datasets(config)
+    say(f"data: {data.name}, {len(data.train)} training / {len(data.val)} validation images, "
+        f"{data.num_classes} classes, {data.in_chans}x{data.input_size}x{data.input_size}")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(config, data.num_classes, data.in_chans, data.input_size)
+    if config.pretrained:
+        official_checkpoint.load_checkpoint(model, config.pretrained)
+        say(f"loaded weights from {config.pretrained}")
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"model {config.model}: {n_parameters:,} parameters, GPSA backend {config.gpsa_backend!r}, "
+        f"device {device}, amp {config.amp}, {world.world_size} process(es)")
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.model_ema else None
+
+    global_batch = config.batch_size * world.world_size
+    base_lr = config.lr if config.unscale_lr else scaled_lr(config.lr, global_batch)
+    optimizer = create_optimizer(model, base_lr, config.weight_decay, config.opt_eps)
+    scheduler = WarmupCosineSchedule(optimizer, base_lr, config.epochs, config.warmup_epochs, config.warmup_lr,
+                                     config.min_lr)
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+
+    start_epoch, start_batch, global_step, best_acc1 = 0, 0, 0, 0.0
+    meters = {"loss_sum": 0.0, "steps": 0, "images": 0, "time": 0.0}
+    history = []
+    if config.resume:
+        path = resume_path(config.resume)
+        state = load_training_checkpoint(path)
+        model.load_state_dict(state["model"])
+        if ema is not None and state.get("model_ema") is not None:
+            ema.load_state_dict(state["model_ema"])
+        if not config.eval:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, start_batch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+            best_acc1 = state.get("best_acc1", 0.0)
+            meters = dict(state.get("meters") or meters)
+            history = list(state.get("history") or [])
+            restore_rng_state(state.get("rng"))
+        say(f"resumed from {path}: epoch {start_epoch}, batch {start_batch}, step {global_step}")
+
+    pin = device.type == "cuda"
+    eval_loader = torch.utils.data.DataLoader(
+        data.val, batch_sampler=BatchPlan(EvalSampler(len(data.val), world.world_size, world.rank),
+                                          2 * config.batch_size, drop_last=False),
+        num_workers=config.num_workers, collate_fn=collate, pin_memory=pin)
+    eval_model = torch.compile(model) if config.compile else model
+
+    if config.eval:
+        stats = evaluate(eval_model, eval_loader, device, config.amp, world)
+        say(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
+            f"on {stats['images']} validation images")
+        return {"best_acc1": stats["acc1"], "final": stats, "epochs": 0, "global_step": 0, "time_s": 0.0,
+                "train_images_per_s": 0.0, "n_parameters": n_parameters, "skipped_images": 0,
+                "output_dir": config.output_dir, "log": []}
+
+    train_model = model
+    if world.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
+
+    sampler = TrainSampler(len(data.train), world.world_size, world.rank, seed=config.seed,
+                           repeats=3 if config.repeated_aug else 1)
+    plan = BatchPlan(sampler, config.batch_size, seed=config.seed, rank=world.rank, drop_last=True)
+    steps_per_epoch = plan.num_batches()
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {config.batch_size}: larger than the {len(sampler)} training images "
+                         f"each of the {world.world_size} process(es) gets; no full batch to train on")
+    # The sampler runs in this process, so changing plan.epoch/start_batch between epochs reaches
+    # persistent workers too.
+    train_loader = torch.utils.data.DataLoader(
+        data.train, batch_sampler=plan, num_workers=config.num_workers, collate_fn=collate, pin_memory=pin,
+        persistent_workers=config.num_workers > 0)
+    erasing = RandomErasing(config.reprob)
+    mixup = Mixup(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob, config.smoothing,
+                  data.num_classes)
+
+    locality_images = torch.stack([x for x, _, bad in (data.val[(i, 0)] for i in range(min(16, len(data.val))))
+                                   if bad is None]).to(device)
+    out_dir = config.output_dir
+    if out_dir and world.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir else None
+
+    def save(epoch, step_in_epoch):
+        if not (ckpt_path and world.is_main):
+            return
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "model_ema": ema.state_dict() if ema is not None else None,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "config": config.to_dict(), "rng": capture_rng_state(), "meters": dict(meters),
+            "best_acc1": best_acc1, "n_parameters": n_parameters, "history": history})
+
+    say(f"training {config.epochs} epochs of {steps_per_epoch} steps, global batch {global_batch}, "
+        f"base lr {base_lr:.3g}" + (f", checkpoints in {out_dir}" if out_dir else ", no --output_dir: no checkpoints"))
+    skipped_total, run_images, run_train_time = 0, 0, 0.0
+    stopped_early = False
+    run_start = time.time()
+    last_stats = None
+    for epoch in range(start_epoch, config.epochs):
+        plan.epoch, plan.start_batch = epoch, (start_batch if epoch == start_epoch else 0)
+        if plan.start_batch == 0:
+            meters = {"loss_sum": 0.0, "steps": 0, "images": 0, "time": 0.0}
+        if not config.sched_on_updates:
+            scheduler.step(epoch)
+        train_model.train()
+        bar = _progress(steps_per_epoch, plan.start_batch, epoch, config, world)
+        skipped_paths = []
+        tick = time.time()
+        for i, (images, targets, bad) in enumerate(train_loader, start=plan.start_batch):
+            for path in bad:
+                print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+            skipped_paths += bad
+            step_seed = mix_seed(config.seed, world.rank, epoch, i)
+            torch.manual_seed(step_seed)  # drop path and anything else drawing from torch's global RNG
+            rng = random.Random(step_seed)
+            noise = torch.Generator(device).manual_seed(step_seed)
+            lr = scheduler.step(epoch + i / steps_per_epoch) if config.sched_on_updates else scheduler.lr_at(scheduler.t)
+            if images is None:
+                continue  # every image of this batch was unreadable (already counted)
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            erasing(images, rng, noise)
+            images, soft_targets = mixup(images, targets, rng)
+            with autocast(device, config.amp):
+                logits = train_model(images)
+            loss = soft_target_cross_entropy(logits, soft_targets)
+
+            loss_value = loss.detach().clone()
+            if world.world_size > 1:
+                dist.all_reduce(loss_value)
+                loss_value /= world.world_size
+            loss_value = loss_value.item()
+            if not math.isfinite(loss_value):
+                kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path else "no checkpoint was written"
+                raise NonFiniteLossError(f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}, batch "
+                                         f"{i}); stopping training; {kept}")
+
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if config.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if config.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                optimizer.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                        if e.dtype.is_floating_point:
+                            e.mul_(config.model_ema_decay).add_(p.detach(), alpha=1 - config.model_ema_decay)
+                        else:
+                            e.copy_(p)
+
+            global_step += 1
+            now = time.time()
+            meters["loss_sum"] += loss_value
+            meters["steps"] += 1
+            meters["images"] += images.shape[0] * world.world_size
+            meters["time"] += now - tick
+            run_images += images.shape[0] * world.world_size
+            run_train_time += now - tick
+            tick = now
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{meters['images'] / max(meters['time'], 1e-9):.0f}")
+            if config.max_steps is not None and global_step >= config.max_steps:
+                stopped_early = i + 1 < steps_per_epoch
+                if stopped_early:
+                    save(epoch, i + 1)
+                break
+            if config.save_every and global_step % config.save_every == 0 and i + 1 < steps_per_epoch:
+                save(epoch, i + 1)
+        if bar is not None:
+            bar.close()
+        skipped_count = int(_all_reduce_sum([len(skipped_paths)], device, world)[0])
+        skipped_total += skipped_count
+        if world.world_size > 1 and skipped_count:
+            gathered = [None] * world.world_size
+            dist.all_gather_object(gathered, skipped_paths)
+            skipped_paths = [p for part in gathered for p in part]
+        if stopped_early:
+            break
+
+        test = evaluate(eval_model, eval_loader, device, config.amp, world)
+        last_stats = test
+        best_acc1 = max(best_acc1, test["acc1"])
+        record = {"train_lr": lr, "train_loss": meters["loss_sum"] / max(meters["steps"], 1),
+                  **{f"test_{k}": v for k, v in test.items() if k != "images"},
+                  "epoch": epoch, "n_parameters": n_parameters,
+                  "train_images_per_s": meters["images"] / max(meters["time"], 1e-9)}
+        if ema is not None:
+            record["test_ema_acc1"] = evaluate(ema, eval_loader, device, config.amp, world)["acc1"]
+        if skipped_count:
+            record["skipped_images"] = skipped_count
+            record["skipped_paths"] = skipped_paths
+        record.update(_locality(model, locality_images))
+        history.append({k: record[k] for k in ("epoch", "train_loss", "test_acc1", "train_images_per_s")})
+        say(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test['loss']:.4f}, "
+            f"Acc@1 {test['acc1']:.2f}, Acc@5 {test['acc5']:.2f}, {record['train_images_per_s']:.0f} img/s"
+            + (f", {skipped_count} unreadable image(s) skipped" if skipped_count else ""))
+        if out_dir and world.is_main:
+            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        save(epoch + 1, 0)
+        if config.max_steps is not None and global_step >= config.max_steps:
+            break
+
+    elapsed = time.time() - run_start
+    img_s = run_images / max(run_train_time, 1e-9)
+    summary = {"best_acc1": best_acc1, "final": last_stats, "epochs": len(history), "global_step": global_step,
+               "time_s": elapsed, "train_images_per_s": img_s, "n_parameters": n_parameters,
+               "skipped_images": skipped_total, "stopped_early": stopped_early, "output_dir": out_dir,
+               "log": history}
+    if stopped_early:
+        say(f"stopped after step {global_step} (--max_steps) in the middle of an epoch"
+            + (f"; resume with --resume {ckpt_path}" if ckpt_path else ""))
+    elif last_stats is not None:
+        say(f"done: best Acc@1 {best_acc1:.2f}%, final Acc@1 {last_stats['acc1']:.2f}% Acc@5 "
+            f"{last_stats['acc5']:.2f}%, {elapsed:.1f} s, {img_s:.0f} training img/s"
+            + (f", {skipped_total} unreadable image(s) skipped" if skipped_total else ""))
+    return summary
+
+
+def _progress(total, initial, epoch, config, world):
+    if not (config.progress and world.is_main):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is in the [train] extra; without it, the per-epoch lines remain
+        return None
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                mininterval=0.5)
+
+
+def _locality(model, images) -> dict:
+    """The official per-layer log fields, JSON-ready: nonlocality, distances, gating_params."""
+    stats = layer_locality_stats(model, images)
+    return {key: {str(layer): values for layer, values in per_layer.items()} for key, per_layer in stats.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        config = parse_config(argv)
+        train(config)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:
+        print(f"convit-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
