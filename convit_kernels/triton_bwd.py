@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .triton_fwd import (
     INTERPRET, _cfg, _configs, _load_rows, _mm, _rel_offsets, _rel_offsets_t, _scores, _store_rows,
-    choose_path, head_dim_split, pos_stats_launch,
+    choose_path, head_dim_split, pos_stats_launch, row_width,
 )
 
 __all__ = ["gpsa_bwd_launch"]
@@ -33,17 +33,17 @@ __all__ = ["gpsa_bwd_launch"]
 # Chosen like the forward sets (see triton_fwd): whole-row and tiled candidates for N <= 256.
 # Some whole-row dq configs compile badly for sm_90 (D = 16 or 128: ~6 KB of stack per thread),
 # so the tiled ones must stay in the running.
-_DQ_WHOLE = [_cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16),
+_DQ_WHOLE = [_cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
              _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
-_DQ_TILED = [_cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
-_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_DQ_TILED = [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
+_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED[:2], _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
 _DQ_LONG_CONFIGS = _configs(_DQ_TILED, _cfg(16, 4, BLOCK_N=32))
 _DQ_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 # Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.
 _DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_SHORT_CONFIGS + _DQ_LONG_CONFIGS + _DQ_FORCED_CONFIGS)
 
 _DKV_CONFIGS = _configs(
-    [_cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64)],
+    [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64)],
     _cfg(16, 4, 1, BLOCK_N=16),
 )
 
@@ -317,7 +317,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, N, cols, scale, n_part,
-        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=max(16, triton.next_power_of_2(N)), IEEE=ieee, **path_args,
+        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=row_width(N, mode), IEEE=ieee, **path_args,
     )
     wrap(_gpsa_bwd_dkv)[dkv_grid](
         q, k, v, grad_out, lse, pos_lse, delta, pos_weight, gating, dk, dv,

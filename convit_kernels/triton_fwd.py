@@ -32,6 +32,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The whole-row path holds BLOCK_M x next_pow2(N) scores in registers; beyond 256 keys it would spill.
 WHOLE_ROW_MAX_N = 256
 MAX_HEAD_DIM = 128
+# CONVIT_KERNELS_TRITON_AUTOTUNE=0 (read at import): each kernel runs its first config untimed,
+# which saves the compile-and-time of the whole set per (N, D, dtype), e.g. for quick test runs.
+AUTOTUNE = os.environ.get("CONVIT_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def head_dim_split(D: int, split: bool = False) -> tuple[int, int]:
@@ -57,7 +60,9 @@ def head_dim_split(D: int, split: bool = False) -> tuple[int, int]:
 
 def _configs(gpu_configs, interpret_config):
     # One config under the interpreter: its autotuner then runs the kernel once instead of timing it.
-    return [interpret_config] if INTERPRET else gpu_configs
+    if INTERPRET:
+        return [interpret_config]
+    return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
 def _cfg(block_m, warps, stages=1, **extra):
@@ -180,9 +185,8 @@ def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda ke
 # bytes and were dropped).
 _FWD_WHOLE = [_cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16),
               _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
-_FWD_TILED = [_cfg(32, 4, 2, BLOCK_N=64), _cfg(64, 4, 2, BLOCK_N=64), _cfg(64, 8, 2, BLOCK_N=64),
-              _cfg(128, 8, 2, BLOCK_N=64)]
-_FWD_SHORT_CONFIGS = _configs(_FWD_WHOLE + _FWD_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_FWD_TILED = [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
+_FWD_SHORT_CONFIGS = _configs(_FWD_WHOLE + _FWD_TILED[:2], _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
 _FWD_LONG_CONFIGS = _configs(_FWD_TILED, _cfg(16, 4, BLOCK_N=32))
 _FWD_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 
@@ -322,6 +326,12 @@ def choose_path(N: int, block_n: int) -> tuple[str, dict]:
     return "long", dict(WHOLE_ROW=False)
 
 
+def row_width(N: int, mode: str) -> int:
+    """ROW_N, the whole-row tile width: next_pow2(N) where whole-row configs may run, else a fixed
+    16 so that tiled-only launches do not compile one variant per N."""
+    return max(16, triton.next_power_of_2(N)) if mode == "short" else 16
+
+
 def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: float, block_n: int = 0,
                     split_d: bool = False, wrap=lambda kernel: kernel):
     """Run the forward; returns ``(out, lse)``.
@@ -354,7 +364,7 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, N, cols, scale,
-        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=max(16, triton.next_power_of_2(N)), IEEE=q.dtype == torch.float32,
+        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=row_width(N, mode), IEEE=q.dtype == torch.float32,
         **path_args,
     )
     return out, lse
