@@ -18,30 +18,13 @@ namespace convit_kernels {
 namespace cuda {
 namespace detail {
 
-constexpr int kBwdBlockM = 16;    // query rows per CTA of the dQ kernel
-constexpr int kBwdBlockN = 16;    // keys per CTA of the dK/dV kernel
-constexpr int kBwdChunk = 32;     // keys (dQ kernel) or queries (dK/dV kernel) staged at a time
+constexpr int kBwdChunk = 32;  // keys (dQ kernel) or queries (dK/dV kernel) staged at a time
 constexpr int kBwdRowsPerWarp = kBwdBlockM / kWarps;                   // 4
 constexpr int kBwdOutPerThread = kBwdBlockM * kMaxHeadDim / kThreads;  // 16
-constexpr int kPartials = 4;  // dw0, dw1, dw2, sum(Delta_p - Delta_c)
 
 static_assert(kBwdChunk == 32, "a tile row is one warp wide");
 static_assert(kBwdBlockM == kBwdBlockN, "both kernels use kBwdOutPerThread accumulators");
 static_assert(kBwdBlockM * kBwdChunk >= kThreads, "the dS tile doubles as block_sum scratch");
-
-template <typename T>
-struct BwdArgs {
-  using Acc = typename AccOf<T>::type;
-  const T* go; const T* q; const T* k; const T* v;
-  Strides3 gos, qs, ks, vs;
-  const Acc* pos_weight; const Acc* gating; const Acc* lse; const Acc* pos_lse;
-  T* dq; T* dk; T* dv;
-  Strides3 dqs, dks, dvs;
-  Acc* delta_c;
-  Acc* partials;  // (H, B * num_qblocks, kPartials)
-  int B, H, N, D, rows, cols;
-  Acc scale;
-};
 
 // dQ kernel: one CTA per (query block of kBwdBlockM rows, h, b).
 // Tile entry (r, j0 + lane) of a chunk belongs to warp r % kWarps, which keeps that row's
@@ -295,16 +278,6 @@ size_t dkdv_smem_bytes(int D) {
                         2 * size_t(kBwdChunk) * (kBwdBlockN + 1) + 3 * size_t(kBwdChunk));
 }
 
-template <typename Kernel, typename Args>
-cudaError_t launch_bwd_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Args& args) {
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(args);
-  return cudaGetLastError();
-}
-
 template <typename T>
 cudaError_t bwd_typed(const GpsaBwdParams& p, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
@@ -328,12 +301,18 @@ cudaError_t bwd_typed(const GpsaBwdParams& p, cudaStream_t stream) {
   a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
   a.scale = Acc(p.scale);
 
-  // The dK/dV kernel reads Delta_c, written by the dQ kernel: same stream, so in order.
-  err = launch_bwd_kernel(gpsa_bwd_dq_kernel<T>, dim3(ceil_div(p.N, kBwdBlockM), p.H, p.B), dq_smem_bytes<Acc>(p.D),
-                          stream, a);
-  if (err != cudaSuccess) return err;
-  err = launch_bwd_kernel(gpsa_bwd_dkdv_kernel<T>, dim3(ceil_div(p.N, kBwdBlockN), p.H, p.B),
-                          dkdv_smem_bytes<Acc>(p.D), stream, a);
+  bool tensor_cores = false;
+  if constexpr (sizeof(T) == 2) tensor_cores = p.D % 16 == 0 && device_is_sm80_or_newer();
+  if (tensor_cores) {
+    if constexpr (sizeof(T) == 2) err = bwd_mma_launch<T>(a, stream);
+  } else {
+    // The dK/dV kernel reads Delta_c, written by the dQ kernel: same stream, so in order.
+    err = launch_with_smem(gpsa_bwd_dq_kernel<T>, dim3(ceil_div(p.N, kBwdBlockM), p.H, p.B),
+                           dq_smem_bytes<Acc>(p.D), stream, a);
+    if (err != cudaSuccess) return err;
+    err = launch_with_smem(gpsa_bwd_dkdv_kernel<T>, dim3(ceil_div(p.N, kBwdBlockN), p.H, p.B),
+                           dkdv_smem_bytes<Acc>(p.D), stream, a);
+  }
   if (err != cudaSuccess) return err;
   const int64_t num_partials = int64_t(p.B) * ceil_div(p.N, kBwdBlockM);
   gpsa_bwd_reduce_kernel<Acc><<<p.H, kThreads, 0, stream>>>(a.partials, num_partials, a.gating,

@@ -110,6 +110,65 @@ __device__ __forceinline__ Acc dot_rows(const Acc* a, const Acc* b, int D) {
   return s;
 }
 
+
+// Raw copy of `count` rows (zeros past N) into shared memory in T, row stride D (the tensor-core
+// kernels keep their operands in the input dtype).
+template <typename T>
+__device__ __forceinline__ void load_rows_raw(T* dst, const T* src, int64_t stride_n, int row0, int count, int N,
+                                              int D) {
+  for (int e = threadIdx.x; e < count * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const int n = row0 + r;
+    dst[r * D + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
+  }
+}
+
+// Shared-memory regions start on 128-byte boundaries (WMMA needs 32-byte aligned tile pointers).
+__host__ __device__ __forceinline__ size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+
+// Launches `kernel` with `smem` bytes of dynamic shared memory, opting in above the 48 KiB default.
+template <typename Kernel, typename Args>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Args& args) {
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+// Whether the current device has compute capability 8.0 or newer (bf16/fp16 WMMA paths).
+inline bool device_is_sm80_or_newer() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major >= 8;
+}
+
+// ---- backward: shared by gpsa_bwd.cu (SIMT kernels, the reduction) and gpsa_bwd_mma.cu ----
+constexpr int kBwdBlockM = 16;  // query rows per CTA of the dQ kernels
+constexpr int kBwdBlockN = 16;  // keys per CTA of the dK/dV kernels
+constexpr int kPartials = 4;    // per dQ CTA: dw0, dw1, dw2, sum(Delta_p - Delta_c)
+
+template <typename T>
+struct BwdArgs {
+  using Acc = typename AccOf<T>::type;
+  const T* go; const T* q; const T* k; const T* v;
+  Strides3 gos, qs, ks, vs;
+  const Acc* pos_weight; const Acc* gating; const Acc* lse; const Acc* pos_lse;
+  T* dq; T* dk; T* dv;
+  Strides3 dqs, dks, dvs;
+  Acc* delta_c;
+  Acc* partials;  // (H, B * ceil(N / kBwdBlockM), kPartials)
+  int B, H, N, D, rows, cols;
+  Acc scale;
+};
+
+// The tensor-core dQ and dK/dV kernels (gpsa_bwd_mma.cu), for T = __half / __nv_bfloat16 with
+// D % 16 == 0 on sm_80+: the same outputs, workspaces and partial sums as the SIMT kernels.
+template <typename T>
+cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream);
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace convit_kernels

@@ -263,7 +263,6 @@ static_assert(kMmaKeyChunk == 16 * kWarps, "one 16-key tile per warp in step 1")
 struct MmaSmem {
   size_t q, kv, s, p, o, total;
 };
-__host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 __host__ __device__ inline MmaSmem mma_smem_layout(int n_pad, int D, size_t elem) {
   MmaSmem m;
   m.q = 0;                                                        // [kBlockM][D] T
@@ -273,17 +272,6 @@ __host__ __device__ inline MmaSmem mma_smem_layout(int n_pad, int D, size_t elem
   m.o = m.p + align128(size_t(kBlockM) * n_pad * elem);           // [kBlockM][D] float
   m.total = m.o + align128(size_t(kBlockM) * D * sizeof(float));
   return m;
-}
-
-// Raw copy of `count` rows (zeros past N) into shared memory in T, row stride D.
-template <typename T>
-__device__ __forceinline__ void load_rows_raw(T* dst, const T* src, int64_t stride_n, int row0, int count, int N,
-                                              int D) {
-  for (int e = threadIdx.x; e < count * D; e += kThreads) {
-    const int r = e / D, d = e % D;
-    const int n = row0 + r;
-    dst[r * D + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
-  }
 }
 
 template <typename T>
@@ -391,11 +379,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_mma_kernel(FwdArgs
 // N <= kWholeRowMaxN, a device of compute capability 8.0 or newer.
 template <typename T>
 bool use_mma_path(int N, int D) {
-  if (D % 16 != 0 || N > kWholeRowMaxN) return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major >= 8;
+  return D % 16 == 0 && N <= kWholeRowMaxN && device_is_sm80_or_newer();
 }
 
 template <typename Acc>
@@ -408,17 +392,6 @@ template <typename Acc>
 size_t tiled_smem_bytes(int D) {
   return sizeof(Acc) * (size_t(kBlockM) * D + 2 * size_t(kKeyChunk) * (D + 1) + 2 * size_t(kBlockM) * kKeyChunk +
                         2 * size_t(kBlockM));
-}
-
-// Launches `kernel` with `smem` bytes of dynamic shared memory, opting in above the 48 KiB default.
-template <typename Kernel, typename Args>
-cudaError_t launch_with_smem(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Args& args) {
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(args);
-  return cudaGetLastError();
 }
 
 template <typename T>
