@@ -160,13 +160,15 @@ def build_model(checkpoint=None, model_name=None, overrides=None, gpsa_backend="
 # Images -----------------------------------------------------------------------------------------
 
 def _digits(num_images: int):
-    """Validation digits from convit.data when the training code provides them, else scikit-learn's."""
+    """Validation digits, normalised as the training code normalises them (convit.data's fixed split
+    and training-set mean/std); scikit-learn's last images scaled to [0, 1] if convit.data is absent."""
     try:
-        from .data import digits_validation_images  # type: ignore[attr-defined]
+        from .data import load_digits_split
     except ImportError:
-        digits_validation_images = None
-    if digits_validation_images is not None:
-        return digits_validation_images(num_images)
+        load_digits_split = None
+    if load_digits_split is not None:
+        x_train, _, x_val, _ = load_digits_split()
+        return (x_val[:num_images] - x_train.mean()) / x_train.std()
     from sklearn.datasets import load_digits
 
     x = torch.from_numpy(load_digits().images).float().div(16.0)  # 8x8 grey, values 0..16
