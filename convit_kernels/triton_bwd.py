@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    INTERPRET, _cfg, _configs, _load_rows, _mm, _rel_offsets, _rel_offsets_t, _scores, _store_rows,
+    INTERPRET, LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _rel_offsets, _rel_offsets_t, _scores,
+    _store_rows,
     choose_path, head_dim_split, pos_stats_launch, row_width,
 )
 
@@ -50,7 +51,7 @@ _DKV_CONFIGS = _configs(
 
 @triton.jit
 def _gpsa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, POS_LSE, W, G, DQ, DELTA, PART,
+    Q, K, V, DO, LSE, POS_LSE2, W, G, DQ, DELTA, PART,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -76,9 +77,10 @@ def _gpsa_bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0 = tl.load(W + h * 3 + 0)
-    w1 = tl.load(W + h * 3 + 1)
-    w2 = tl.load(W + h * 3 + 2)
+    w0 = tl.load(W + h * 3 + 0) * LOG2E
+    w1 = tl.load(W + h * 3 + 1) * LOG2E
+    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
     k_ty = K.dtype.element_ty
 
@@ -93,9 +95,9 @@ def _gpsa_bwd_dq_kernel(
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
         g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
-    # +inf for rows past N makes both probabilities 0 there.
-    lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf"))
-    lse_p = tl.load(POS_LSE + h * N + offs_m, mask=row_ok, other=float("inf"))
+    # Both in log2 units; +inf for rows past N makes both probabilities 0 there.
+    lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    lse_p = tl.load(POS_LSE2 + h * N + offs_m, mask=row_ok, other=float("inf"))
 
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
@@ -112,11 +114,10 @@ def _gpsa_bwd_dq_kernel(
         if D1 > 0:
             k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
             v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-        s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
-        p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+        s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+        p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
         dx, dy = _rel_offsets(offs_m, offs_n, cols)
-        r2 = dx * dx + dy * dy
-        p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * r2 - lse_p[:, None]), 0.0)
+        p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
         dm = _scores(g0, g1, v0, v1, D1, IEEE)
         delta_c = tl.sum(p_c * dm, 1)
         delta_p = tl.sum(p_pos * dm, 1)
@@ -127,7 +128,7 @@ def _gpsa_bwd_dq_kernel(
             dq1 = _mm(ds, k1, dq1, IEEE)
         acc_w0 = tl.sum(dz * dx, 1)
         acc_w1 = tl.sum(dz * dy, 1)
-        acc_w2 = tl.sum(dz * r2, 1)
+        acc_w2 = tl.sum(dz * (dx * dx + dy * dy), 1)
     else:
         delta_c = tl.zeros([BLOCK_M], tl.float32)
         delta_p = tl.zeros([BLOCK_M], tl.float32)
@@ -141,10 +142,10 @@ def _gpsa_bwd_dq_kernel(
             if D1 > 0:
                 k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
                 v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
-            p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+            p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
             dx, dy = _rel_offsets(offs_m, offs_n, cols)
-            p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy) - lse_p[:, None]), 0.0)
+            p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
             dm = _scores(g0, g1, v0, v1, D1, IEEE)
             delta_c += tl.sum(p_c * dm, 1)
             delta_p += tl.sum(p_pos * dm, 1)
@@ -158,11 +159,10 @@ def _gpsa_bwd_dq_kernel(
             if D1 > 0:
                 k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
                 v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
-            p_c = tl.where(valid, tl.exp(s - lse_c[:, None]), 0.0)
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+            p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
             dx, dy = _rel_offsets(offs_m, offs_n, cols)
-            r2 = dx * dx + dy * dy
-            p_pos = tl.where(valid, tl.exp(w0 * dx + w1 * dy + w2 * r2 - lse_p[:, None]), 0.0)
+            p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
             dm = _scores(g0, g1, v0, v1, D1, IEEE)
             ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k_ty)
             dz = gate * p_pos * (dm - delta_p[:, None])
@@ -171,7 +171,7 @@ def _gpsa_bwd_dq_kernel(
                 dq1 = _mm(ds, k1, dq1, IEEE)
             acc_w0 += tl.sum(dz * dx, 1)
             acc_w1 += tl.sum(dz * dy, 1)
-            acc_w2 += tl.sum(dz * r2, 1)
+            acc_w2 += tl.sum(dz * (dx * dx + dy * dy), 1)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     _store_rows(dq_base, (dq0 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, N, HEAD_DIM)
@@ -187,7 +187,7 @@ def _gpsa_bwd_dq_kernel(
 
 @triton.jit
 def _gpsa_bwd_dkv_kernel(
-    Q, K, V, DO, LSE, POS_LSE, DELTA, W, G, DK, DV,
+    Q, K, V, DO, LSE, POS_LSE2, DELTA, W, G, DK, DV,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -213,9 +213,10 @@ def _gpsa_bwd_dkv_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0 = tl.load(W + h * 3 + 0)
-    w1 = tl.load(W + h * 3 + 1)
-    w2 = tl.load(W + h * 3 + 2)
+    w0 = tl.load(W + h * 3 + 0) * LOG2E
+    w1 = tl.load(W + h * 3 + 1) * LOG2E
+    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
     q_ty = Q.dtype.element_ty
     g_ty = DO.dtype.element_ty
@@ -245,13 +246,13 @@ def _gpsa_bwd_dkv_kernel(
         if D1 > 0:
             q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
             g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
-        lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf"))
-        lse_p = tl.load(POS_LSE + h * N + offs_m, mask=row_ok, other=float("inf"))
+        lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+        lse_p = tl.load(POS_LSE2 + h * N + offs_m, mask=row_ok, other=float("inf"))
         delta_c = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
-        s_t = _scores(k0, k1, q0, q1, D1, IEEE) * scale
-        p_c = tl.where(key_ok, tl.exp(s_t - lse_c[None, :]), 0.0)
+        s_t = _scores(k0, k1, q0, q1, D1, IEEE) * qk_scale
+        p_c = tl.where(key_ok, tl.exp2(s_t - lse_c[None, :]), 0.0)
         dx, dy = _rel_offsets_t(offs_n, offs_m, cols)
-        p_pos = tl.where(key_ok, tl.exp(w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy) - lse_p[None, :]), 0.0)
+        p_pos = tl.where(key_ok, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[None, :])), 0.0)
         mix = (p_c + gate * (p_pos - p_c)).to(g_ty)
         dv0 = _mm(mix, g0, dv0, IEEE)
         if D1 > 0:
@@ -296,7 +297,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     if B == 0:
         zeros = torch.zeros_like(pos_weight), torch.zeros_like(gating)
         return dq, dk, dv, *zeros
-    pos_lse = pos_stats_launch(pos_weight, N, cols, wrap)
+    pos_lse2 = pos_stats_launch(pos_weight, N, cols, wrap)
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
     n_part = triton.cdiv(N, _DQ_MIN_BLOCK_M)
     part = torch.zeros((B * H, n_part, 4), device=q.device, dtype=torch.float32)
@@ -310,7 +311,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
 
     dq_kernel = dict(short=_gpsa_bwd_dq_short, long=_gpsa_bwd_dq_long, forced=_gpsa_bwd_dq_forced)[mode]
     wrap(dq_kernel)[dq_grid](
-        q, k, v, grad_out, lse, pos_lse, pos_weight, gating, dq, delta, part,
+        q, k, v, grad_out, lse, pos_lse2, pos_weight, gating, dq, delta, part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -320,7 +321,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         HEAD_DIM=D, D0=d0, D1=d1, ROW_N=row_width(N, mode), IEEE=ieee, **path_args,
     )
     wrap(_gpsa_bwd_dkv)[dkv_grid](
-        q, k, v, grad_out, lse, pos_lse, delta, pos_weight, gating, dk, dv,
+        q, k, v, grad_out, lse, pos_lse2, delta, pos_weight, gating, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -86,28 +86,45 @@ def _store_rows(base, val, offs_r, stride_r, offs_d, n_rows, HEAD_DIM: tl.conste
     tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :], val, mask=mask)
 
 
+# The kernels use exp2, with logits carried in log2 units (natural units times log2 e).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _coords(offs, cols):
+    """(row, col) of the row-major patches ``offs``, as float32 vectors."""
+    r = offs // cols
+    return r.to(tl.float32), (offs - r * cols).to(tl.float32)
+
+
 @triton.jit
 def _rel_offsets(offs_q, offs_k, cols):
-    """dx, dy (float32, [query, key]) of keys ``offs_k`` seen from queries ``offs_q``."""
-    rq = offs_q // cols
-    cq = offs_q - rq * cols
-    rk = offs_k // cols
-    ck = offs_k - rk * cols
-    dx = (ck[None, :] - cq[:, None]).to(tl.float32)
-    dy = (rk[None, :] - rq[:, None]).to(tl.float32)
-    return dx, dy
+    """dx, dy (float32, [query, key]) of keys ``offs_k`` seen from queries ``offs_q``.
+
+    Per element one float subtraction each (exact: small integers); the divisions are per vector.
+    """
+    rq, cq = _coords(offs_q, cols)
+    rk, ck = _coords(offs_k, cols)
+    return ck[None, :] - cq[:, None], rk[None, :] - rq[:, None]
 
 
 @triton.jit
 def _rel_offsets_t(offs_k, offs_q, cols):
     """dx, dy (float32, [key, query]): the transpose of ``_rel_offsets(offs_q, offs_k)``."""
-    rq = offs_q // cols
-    cq = offs_q - rq * cols
-    rk = offs_k // cols
-    ck = offs_k - rk * cols
-    dx = (ck[:, None] - cq[None, :]).to(tl.float32)
-    dy = (rk[:, None] - rq[None, :]).to(tl.float32)
-    return dx, dy
+    rq, cq = _coords(offs_q, cols)
+    rk, ck = _coords(offs_k, cols)
+    return ck[:, None] - cq[None, :], rk[:, None] - rq[None, :]
+
+
+@triton.jit
+def _pos_arg(dx, dy, w0, w1, w2, lse2):
+    """log2 of the positional probability: (w . r) log2(e) minus the row's log2-sum-exp2.
+
+    ``w0, w1, w2`` pre-scaled by log2(e); ``lse2`` broadcast to the tile. Horner form
+    dx (w0 + w2 dx) + dy (w1 + w2 dy): four FMAs and one subtraction per element.
+    """
+    return dx * (w0 + w2 * dx) + (dy * (w1 + w2 * dy) - lse2)
 
 
 @triton.jit
@@ -138,39 +155,43 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gpsa_pos_stats_kernel(W, POS_LSE, N, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """POS_LSE[h, i] = logsumexp_j(w_h . r_ij) for BLOCK_M queries i of head h = program_id(1).
+def _gpsa_pos_stats_kernel(W, POS_LSE2, N, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """POS_LSE2[h, i] = log2 sum_j 2^(log2(e) w_h . r_ij) for BLOCK_M queries i of head h.
 
-    Grid: (cdiv(N, BLOCK_M), H). The bias b_h cancels in the softmax and is left out.
+    That is the log-sum-exp of the positional logits in log2 units (natural units times log2 e),
+    the form the attention kernels consume. Grid: (cdiv(N, BLOCK_M), H). The bias b_h cancels in
+    the softmax and is left out.
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    w0 = tl.load(W + h * 3 + 0)
-    w1 = tl.load(W + h * 3 + 1)
-    w2 = tl.load(W + h * 3 + 2)
+    w0 = tl.load(W + h * 3 + 0) * LOG2E
+    w1 = tl.load(W + h * 3 + 1) * LOG2E
+    w2 = tl.load(W + h * 3 + 2) * LOG2E
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    zero = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         dx, dy = _rel_offsets(offs_m, offs_n, cols)
-        z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
+        z = _pos_arg(dx, dy, w0, w1, w2, zero[:, None])
         z = tl.where(offs_n[None, :] < N, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
         m_i = m_new
-    tl.store(POS_LSE + h * N + offs_m, m_i + tl.log(l_i), mask=offs_m < N)
+    tl.store(POS_LSE2 + h * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)
 
 
 def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda kernel: kernel) -> torch.Tensor:
-    """(H, N) float32 log-sum-exp of the positional logits; ``pos_weight`` (H, 3) float32 contiguous."""
+    """(H, N) float32 positional log-sum-exp in log2 units (see the kernel); ``pos_weight`` (H, 3)
+    float32 contiguous."""
     H = pos_weight.shape[0]
-    pos_lse = torch.empty((H, N), device=pos_weight.device, dtype=torch.float32)
+    pos_lse2 = torch.empty((H, N), device=pos_weight.device, dtype=torch.float32)
     block_m = 16 if INTERPRET else 64
     block_n = 16 if INTERPRET else 64
     wrap(_gpsa_pos_stats_kernel)[(triton.cdiv(N, block_m), H)](
-        pos_weight, pos_lse, N, cols, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
-    return pos_lse
+        pos_weight, pos_lse2, N, cols, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return pos_lse2
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +214,7 @@ _FWD_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 
 @triton.jit
 def _gpsa_fwd_kernel(
-    Q, K, V, OUT, LSE, POS_LSE, W, G,
+    Q, K, V, OUT, LSE, POS_LSE2, W, G,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -221,9 +242,10 @@ def _gpsa_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_base = OUT + b * stride_ob + h * stride_oh
-    w0 = tl.load(W + h * 3 + 0)
-    w1 = tl.load(W + h * 3 + 1)
-    w2 = tl.load(W + h * 3 + 2)
+    w0 = tl.load(W + h * 3 + 0) * LOG2E
+    w1 = tl.load(W + h * 3 + 1) * LOG2E
+    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -234,7 +256,7 @@ def _gpsa_fwd_kernel(
     if D1 > 0:
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
     # Rows past N get +inf: their positional probabilities are 0 instead of overflowing.
-    pos_lse = tl.load(POS_LSE + h * N + offs_m, mask=offs_m < N, other=float("inf"))
+    pos_lse2 = tl.load(POS_LSE2 + h * N + offs_m, mask=offs_m < N, other=float("inf"))
     v_ty = V.dtype.element_ty
 
     if WHOLE_ROW:  # ROW_N = next_pow2(N) >= N: one tile holds the whole row
@@ -243,15 +265,14 @@ def _gpsa_fwd_kernel(
         k1 = k0
         if D1 > 0:
             k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-        s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+        s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
         valid = offs_n[None, :] < N
         s = tl.where(valid, s, float("-inf"))
         m_i = tl.max(s, 1)
-        p = tl.exp(s - m_i[:, None])
+        p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
         dx, dy = _rel_offsets(offs_m, offs_n, cols)
-        z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
-        p_pos = tl.where(valid, tl.exp(z - pos_lse[:, None]), 0.0)
+        p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, pos_lse2[:, None])), 0.0)
         # (1 - s) P_c + s P_pos in one expression, so that few N-wide tiles are live at once.
         mix = (p * ((1.0 - gate) / l_i)[:, None] + gate * p_pos).to(v_ty)
         v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
@@ -274,17 +295,16 @@ def _gpsa_fwd_kernel(
             k1 = k0
             if D1 > 0:
                 k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * scale
+            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
             valid = offs_n[None, :] < N
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
             dx, dy = _rel_offsets(offs_m, offs_n, cols)
-            z = w0 * dx + w1 * dy + w2 * (dx * dx + dy * dy)
-            p_pos = tl.where(valid, tl.exp(z - pos_lse[:, None]), 0.0).to(v_ty)
+            p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, pos_lse2[:, None])), 0.0).to(v_ty)
             p = p.to(v_ty)
             v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
             acc_c0 = _mm(p, v0, acc_c0 * alpha[:, None], IEEE)
@@ -299,7 +319,7 @@ def _gpsa_fwd_kernel(
         if D1 > 0:
             o1 = acc_c1 * w_c[:, None] + gate * acc_p1
             _store_rows(o_base, o1.to(OUT.dtype.element_ty), offs_m, stride_on, offs_d1, N, HEAD_DIM)
-    lse = m_i + tl.log(l_i)
+    lse = (m_i + tl.log2(l_i)) * LN2  # back to natural units: the op's documented lse
     tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -351,14 +371,14 @@ def gpsa_fwd_launch(q, k, v, pos_weight, gating, rows: int, cols: int, scale: fl
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     if B == 0:
         return out, lse
-    pos_lse = pos_stats_launch(pos_weight, N, cols, wrap)
+    pos_lse2 = pos_stats_launch(pos_weight, N, cols, wrap)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
 
     kernel = dict(short=_gpsa_fwd_short, long=_gpsa_fwd_long, forced=_gpsa_fwd_forced)[mode]
     wrap(kernel)[grid](
-        q, k, v, out, lse, pos_lse, pos_weight, gating,
+        q, k, v, out, lse, pos_lse2, pos_weight, gating,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

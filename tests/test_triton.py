@@ -202,9 +202,9 @@ def signature(fn, ptrs, constexprs):
 
 p, f = "*bf16", "*fp32"
 d0, d1 = F.head_dim_split(48)
-fwd = dict(Q=p, K=p, V=p, OUT=p, LSE=f, POS_LSE=f, W=f, G=f)
-dq = dict(Q=p, K=p, V=p, DO=p, LSE=f, POS_LSE=f, W=f, G=f, DQ=p, DELTA=f, PART=f)
-dkv = dict(Q=p, K=p, V=p, DO=p, LSE=f, POS_LSE=f, DELTA=f, W=f, G=f, DK=p, DV=p)
+fwd = dict(Q=p, K=p, V=p, OUT=p, LSE=f, POS_LSE2=f, W=f, G=f)
+dq = dict(Q=p, K=p, V=p, DO=p, LSE=f, POS_LSE2=f, W=f, G=f, DQ=p, DELTA=f, PART=f)
+dkv = dict(Q=p, K=p, V=p, DO=p, LSE=f, POS_LSE2=f, DELTA=f, W=f, G=f, DK=p, DV=p)
 common = dict(HEAD_DIM=48, D0=d0, D1=d1, IEEE=False)
 jobs = [
     (F._gpsa_fwd_kernel, fwd, dict(common, ROW_N=256, BLOCK_M=16, BLOCK_N=16, WHOLE_ROW=True), 4),
