@@ -37,7 +37,7 @@ __all__ = ["gpsa_bwd_launch"]
 _DQ_WHOLE = [_cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
              _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
 _DQ_TILED = [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
-_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED[:2], _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
 _DQ_LONG_CONFIGS = _configs(_DQ_TILED, _cfg(16, 4, BLOCK_N=32))
 _DQ_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 # Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.

@@ -207,7 +207,7 @@ def pos_stats_launch(pos_weight: torch.Tensor, N: int, cols: int, wrap=lambda ke
 _FWD_WHOLE = [_cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16),
               _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
 _FWD_TILED = [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
-_FWD_SHORT_CONFIGS = _configs(_FWD_WHOLE + _FWD_TILED[:2], _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
+_FWD_SHORT_CONFIGS = _configs(_FWD_WHOLE + _FWD_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
 _FWD_LONG_CONFIGS = _configs(_FWD_TILED, _cfg(16, 4, BLOCK_N=32))
 _FWD_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
 
