@@ -64,8 +64,9 @@ def _gpsa_bwd_dq_kernel(
 ):
     """dQ, delta_c / delta_p and the dw/dg partials of BLOCK_M queries of one (batch, head).
 
-    Grid: (cdiv(N, BLOCK_M) * B * H,), ordered like the forward's. DELTA is (2, B*H, N) float32; PART is (B*H, n_part, 4) float32
-    and this program writes slot [bh, pid_m] = (dw0, dw1, dw2, sum_i delta_p - delta_c).
+    Grid: (cdiv(N, BLOCK_M) * B * H,), ordered like the forward's. Writes delta_c to DELTA (B*H, N)
+    float32 for the dK/dV kernel, and slot [bh, pid_m] of PART (B*H, n_part, 4) float32:
+    (dw0, dw1, dw2, sum_i delta_p,i - delta_c,i) over this program's queries.
     """
     num_m = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)

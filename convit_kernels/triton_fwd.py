@@ -7,10 +7,11 @@ Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
   call and costs H x N x N exponentials, nothing next to the attention itself.
 - ``_gpsa_fwd_kernel``: one program = BLOCK_M queries of one (batch, head). Positional logits are
   formed in registers from the row/col indices of the patch grid; nothing of size N x N is read.
-  Whole-row path (``WHOLE_ROW``, a candidate for N <= 256): the program holds the full rows of scores, takes the
-  exact content softmax, mixes it with the exact positional probabilities and does ONE matmul with
-  V. Tiled path: online softmax for the content branch over key blocks, the positional branch
-  (exact thanks to the precomputed statistics) accumulated beside it, mixed at the end.
+  Whole-row path (``WHOLE_ROW``, a candidate for N <= 256): the program holds the full rows of
+  scores, takes the exact content softmax, mixes it with the exact positional probabilities and
+  does ONE matmul with V. Tiled path: online softmax for the content branch over key blocks, the
+  positional branch (exact thanks to the precomputed statistics) accumulated beside it, mixed at
+  the end. For N <= 256 the autotuner picks between the two per (N, D, dtype).
 
 The head dimension runs as one power-of-two chunk with the columns past D masked (never read or
 written), or, with ``split_d``, as two power-of-two chunks D0 + D1 (48 = 32 + 16, 80 = 64 + 16)
