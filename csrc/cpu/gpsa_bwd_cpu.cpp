@@ -23,7 +23,7 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   const PosRows<T> pos = make_pos_rows<T>(pos_weight, rows, cols);
   const at::Tensor gate_t = at::sigmoid(gating).contiguous();
   const T* gate = gate_t.const_data_ptr<T>();
-  const int64_t bq = block_rows(N, 128);
+  const int64_t bq = block_rows(N, 256);  // blocks are sequential within a task: as large as caches allow
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();

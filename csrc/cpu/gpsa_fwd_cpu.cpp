@@ -19,7 +19,9 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const PosRows<T> pos = make_pos_rows<T>(pos_weight, rows, cols);
   const at::Tensor gate_t = at::sigmoid(gating).contiguous();
   const T* gate = gate_t.const_data_ptr<T>();
-  const int64_t bq = block_rows(N, 64);
+  // Whole rows of 256 queries make the GEMMs efficient; with few (b, h) pairs, smaller blocks give the
+  // threads enough tasks. The choice depends on the shape only, so results do not depend on threads.
+  const int64_t bq = block_rows(N, B * H >= 16 ? 256 : 64);
   const int64_t nblk = (N + bq - 1) / bq;
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
