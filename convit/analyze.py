@@ -39,7 +39,7 @@ from .checkpoint import extract_state_dict, load_checkpoint
 from .locality import attention_centers, layer_locality_stats, nonlocality
 from .models import GPSA, MODEL_CONFIGS, ConViT, create_model
 
-__all__ = ["main", "build_parser", "infer_model_kwargs", "build_model", "load_images", "gpsa_maps",
+__all__ = ["main", "run", "build_parser", "infer_model_kwargs", "build_model", "load_images", "gpsa_maps",
            "analyze_model", "read_training_log", "write_figures"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -426,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """The command without the exit status: parse ``argv``, write the outputs, return the numbers."""
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
                                                "depth", "num_heads", "local_up_to_layer", "locality_strength")}
@@ -458,5 +459,15 @@ def main(argv=None) -> dict:
     return numbers
 
 
+def main(argv=None) -> int:
+    """The ``convit-analyze`` console script: 0 on success, 2 with a one-line error for bad input."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"convit-analyze: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

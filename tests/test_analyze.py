@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from convit import plots
-from convit.analyze import build_model, gpsa_maps, infer_model_kwargs, main, read_training_log
+from convit.analyze import build_model, gpsa_maps, infer_model_kwargs, main, read_training_log, run
 from convit.locality import attention_centers, nonlocality
 from convit.models import GPSA, ConViT
 
@@ -160,7 +160,7 @@ def test_cli_on_an_official_format_checkpoint(tmp_path):
            "distances": {"0": [1.0] * 4, "1": [1.0] * 4}, "gating_params": {"0": [1.0] * 4, "1": [1.0] * 4}}
     (ckpt.parent / "log.txt").write_text(json.dumps(log) + "\n" + json.dumps(dict(log, epoch=1)) + "\n")
     out = tmp_path / "out"
-    numbers = main([str(ckpt), "--output-dir", str(out), "--num-images", "6", "--query", "1,2", "--dpi", "40"])
+    numbers = run([str(ckpt), "--output-dir", str(out), "--num-images", "6", "--query", "1,2", "--dpi", "40"])
     for path in _expected_pngs(out, 2) + [os.path.join(out, "training_log.png")]:
         _check_png(path, Image.open(path).size)
     with Image.open(out / "attention_maps_layer0.png") as im:
@@ -190,20 +190,21 @@ def test_cli_on_our_checkpoint_with_its_config(tmp_path):
                 "config": {"model": "convit_digits", "input_size": [8, 4], "nb_classes": None,
                            "local_up_to_layer": 1, "locality_strength": 1.0, "epochs": 30}}, ckpt)
     out = tmp_path / "out"
-    numbers = main([str(ckpt), "--output-dir", str(out), "--num-images", "3"])
+    numbers = run([str(ckpt), "--output-dir", str(out), "--num-images", "3"])
     assert numbers["grid_size"] == [4, 2] and numbers["query"] == [2, 1]
     for path in _expected_pngs(out, 1):
         assert os.path.getsize(path) > 1000
     assert not (out / "training_log.png").exists()
     torch.save(model.state_dict(), ckpt)  # raw, the grid is not square: the error says what to pass
     with pytest.raises(ValueError, match="--img-size"):
-        main([str(ckpt), "--output-dir", str(out)])
-    main([str(ckpt), "--output-dir", str(out), "--img-size", "8,4", "--num-images", "2"])
+        run([str(ckpt), "--output-dir", str(out)])
+    assert main([str(ckpt), "--output-dir", str(out)]) == 2  # the console script: an error line, status 2
+    assert main([str(ckpt), "--output-dir", str(out), "--img-size", "8,4", "--num-images", "2"]) == 0
 
 
 def test_cli_on_a_fresh_model(tmp_path):
     out = tmp_path / "fresh"
-    numbers = main(["--model", "convit_tiny", "--img-size", "16", "--patch-size", "4", "--depth", "3",
+    numbers = run(["--model", "convit_tiny", "--img-size", "16", "--patch-size", "4", "--depth", "3",
                     "--local_up_to_layer", "2", "--num-classes", "10", "--num-images", "4",
                     "--output-dir", str(out), "--dpi", "40"])
     for path in _expected_pngs(out, 2):
@@ -222,5 +223,5 @@ def test_cli_errors():
     with pytest.raises(ValueError, match="unknown --model"):
         build_model(model_name="convit_huge")
     with pytest.raises(ValueError, match="--query"):
-        main(["--model", "convit_tiny", "--img-size", "16", "--depth", "1", "--local_up_to_layer", "1",
+        run(["--model", "convit_tiny", "--img-size", "16", "--depth", "1", "--local_up_to_layer", "1",
               "--num-images", "1", "--query", "5,0", "--output-dir", "/nonexistent-never-written"])
