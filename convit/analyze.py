@@ -118,8 +118,8 @@ def build_model(checkpoint=None, model_name=None, overrides=None, gpsa_backend="
     """The ConViT to analyse and a description of where it came from.
 
     Architecture, lowest priority first: the registered ``model_name`` (or the one named in the
-    checkpoint's config), the shapes of the checkpoint's tensors, the checkpoint's saved config,
-    then ``overrides`` (the CLI flags). Weights from ``checkpoint`` (through ``load_checkpoint``,
+    checkpoint's config), the checkpoint's saved config, the shapes of its tensors, then
+    ``overrides`` (the CLI flags). Weights from ``checkpoint`` (through ``load_checkpoint``,
     strict) or fresh with ``torch.manual_seed(seed)``.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -132,8 +132,10 @@ def build_model(checkpoint=None, model_name=None, overrides=None, gpsa_backend="
         if model_name is None and isinstance(config, (Mapping, argparse.Namespace)):
             name = (vars(config) if isinstance(config, argparse.Namespace) else config).get("model")
             model_name = name if name in MODEL_CONFIGS else None
-        kwargs.update(infer_model_kwargs(sd))
+        # The shapes are the truth about the weights (the official args' embed_dim, for one, is a
+        # per-head width); the config fills in what shapes cannot say (a non-square image size).
         kwargs.update(cfg_kwargs)
+        kwargs.update(infer_model_kwargs(sd))
         source = {"checkpoint": os.path.abspath(checkpoint), "saved_config": bool(cfg_kwargs)}
     elif model_name is None:
         raise ValueError("give a checkpoint path or --model NAME (fresh weights)")

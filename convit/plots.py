@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 __all__ = ["save_figure", "plot_attention_maps", "plot_gates", "plot_nonlocality", "plot_attention_centers",
            "plot_training_log", "plot_sample_efficiency", "attention_maps_figsize", "gates_figsize",
@@ -240,6 +240,7 @@ def plot_training_log(epochs: Sequence[int], nonlocality: Mapping[int, Sequence[
     ax2.set_ylim(-0.02, 1.02)
     for ax in (ax1, ax2):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.legend(*ax1.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.subplots_adjust(left=0.06, right=0.86, bottom=0.13, top=0.9, wspace=0.2)
     return fig

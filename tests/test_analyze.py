@@ -182,13 +182,13 @@ def test_cli_on_an_official_format_checkpoint(tmp_path):
 
 
 def test_cli_on_our_checkpoint_with_its_config(tmp_path):
-    # Our checkpoints carry the training config; its fields win over the shapes (here: nothing to
-    # disagree on, but the non-square image size cannot come from the shapes at all).
+    # Our checkpoints carry the training config: it gives what the shapes cannot (a non-square image
+    # size); where it disagrees with the shapes (an official-style per-head embed_dim), shapes win.
     model = _tiny_convit(img_size=(8, 4), local_up_to_layer=1)
     ckpt = tmp_path / "checkpoint.pth"
     torch.save({"model": model.state_dict(), "epoch": 3,
                 "config": {"model": "convit_digits", "input_size": [8, 4], "nb_classes": None,
-                           "local_up_to_layer": 1, "locality_strength": 1.0, "epochs": 30}}, ckpt)
+                           "local_up_to_layer": 1, "locality_strength": 1.0, "epochs": 30, "embed_dim": 4}}, ckpt)
     out = tmp_path / "out"
     numbers = run([str(ckpt), "--output-dir", str(out), "--num-images", "3"])
     assert numbers["grid_size"] == [4, 2] and numbers["query"] == [2, 1]
