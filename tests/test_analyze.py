@@ -1,4 +1,5 @@
 """Locality analysis: the metrics on hand-built maps, the figures, and the convit-analyze CLI."""
+import argparse
 import json
 import math
 import os
@@ -179,6 +180,14 @@ def test_cli_on_an_official_format_checkpoint(tmp_path):
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-6)  # a probability over the patches
     assert saved["training_log"]["epochs"] == [0, 1]
     assert numbers["source"]["kwargs"]["local_up_to_layer"] == 2
+    # The official training script saves {"model": ..., "args": Namespace}; its embed_dim is per head.
+    official = tmp_path / "official.pth"
+    torch.save({"model": model.state_dict(), "epoch": 299,
+                "args": argparse.Namespace(model="convit_tiny", embed_dim=48, input_size=8, nb_classes=10)}, official)
+    numbers = run([str(official), "--output-dir", str(tmp_path / "out2"), "--num-images", "2"])
+    assert numbers["source"]["kwargs"]["embed_dim"] == 16 and numbers["source"]["model"] == "convit_tiny"
+    np.testing.assert_allclose(numbers["gating_params"]["1"], model.blocks[1].attn.gating_param.detach().numpy(),
+                               rtol=1e-6)
 
 
 def test_cli_on_our_checkpoint_with_its_config(tmp_path):
