@@ -27,13 +27,12 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 EMU_DIR = pathlib.Path(__file__).resolve().parent / "cuda_emulator"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # GpsaDtype in gpsa_cuda.h
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:]+>)?)<<<(.*?)>>>\(")
-SMEM_DECL = "extern __shared__ __align__(16) unsigned char smem_raw[];"
+SMEM_DECL = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char smem_raw\[\];")
 
 
 def _emulated_source(text):
     """The .cu text with kernel launches and dynamic shared memory routed to the emulator."""
-    n_smem = text.count(SMEM_DECL)
-    text = text.replace(SMEM_DECL, "unsigned char* smem_raw = emu::dynamic_smem();")
+    text, n_smem = SMEM_DECL.subn("unsigned char* smem_raw = emu::dynamic_smem();", text)
     text, n_launch = LAUNCH.subn(r"emu::launch(\1, \2)(", text)
     assert "<<<" not in text, "a kernel launch the emulator transform did not recognise"
     return text, n_smem, n_launch

@@ -33,7 +33,7 @@ static_assert(kBwdBlockM * kBwdChunk >= kThreads, "the dS tile doubles as block_
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_kernel(BwdArgs<T> a) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   const int N = a.N, D = a.D, ldkv = D + 1;
   Acc* q_s = reinterpret_cast<Acc*>(smem_raw);  // [kBwdBlockM][D]
   Acc* go_s = q_s + kBwdBlockM * D;             // [kBwdBlockM][D]
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_kernel(BwdArgs<T> a) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_kernel(BwdArgs<T> a) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   const int N = a.N, D = a.D, ldq = D + 1, ldt = kBwdBlockN + 1;  // pads: conflict-free lane access
   Acc* k_s = reinterpret_cast<Acc*>(smem_raw);  // [kBwdBlockN][D]
   Acc* v_s = k_s + kBwdBlockN * D;              // [kBwdBlockN][D]

@@ -56,7 +56,7 @@ struct DqLayout {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_mma_kernel(BwdArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
   const int N = a.N, D = a.D;
   const DqLayout lay(D, sizeof(T));
   T* q_t = reinterpret_cast<T*>(smem_raw + lay.q);
@@ -223,7 +223,7 @@ struct DkdvLayout {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
   const int N = a.N, D = a.D;
   const DkdvLayout lay(D, sizeof(T));
   T* k_t = reinterpret_cast<T*>(smem_raw + lay.k);

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_pos_lse_kernel(const Acc* __res
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_kernel(FwdArgs<T> a) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   const int N = a.N, D = a.D, ldkv = D + 1;  // +1 pad: lanes read different keys' rows conflict-free
   const int n_pad = ceil_div(N, kKeyChunk) * kKeyChunk;
   Acc* q_s = reinterpret_cast<Acc*>(smem_raw);  // [kBlockM][D]
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_kernel(FwdArgs<T> 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_kernel(FwdArgs<T> a) {
   using Acc = typename AccOf<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   const int N = a.N, D = a.D, ldkv = D + 1;
   Acc* q_s = reinterpret_cast<Acc*>(smem_raw);  // [kBlockM][D]
   Acc* k_s = q_s + kBlockM * D;                 // [kKeyChunk][D + 1]
@@ -278,7 +278,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_mma_kernel(FwdArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
   const int N = a.N, D = a.D;
   const int n_pad = ceil_div(N, kMmaKeyChunk) * kMmaKeyChunk;
   const MmaSmem lay = mma_smem_layout(n_pad, D, sizeof(T));
