@@ -275,6 +275,7 @@ def _train(config: TrainConfig, world: Dist) -> dict:
         if not config.sched_on_updates:
             scheduler.step(epoch)
         train_model.train()
+        lr = scheduler.lr_at(scheduler.t)
         bar = _progress(steps_per_epoch, plan.start_batch, epoch, config, world)
         skipped_paths = []
         tick = time.time()
@@ -288,7 +289,12 @@ def _train(config: TrainConfig, world: Dist) -> dict:
             noise = torch.Generator(device).manual_seed(step_seed)
             lr = scheduler.step(epoch + i / steps_per_epoch) if config.sched_on_updates else scheduler.lr_at(scheduler.t)
             if images is None:
-                continue  # every image of this batch was unreadable (already counted)
+                # Every image of this batch was unreadable (already counted). Under DDP the other
+                # ranks would wait for this one's gradients: make it an error there.
+                if world.world_size > 1:
+                    raise RuntimeError(f"every image of batch {i} of epoch {epoch} on rank {world.rank} is "
+                                       f"unreadable: {bad}")
+                continue
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             erasing(images, rng, noise)

@@ -210,3 +210,9 @@ def _weights_initial():
     torch.manual_seed(1)
     cfg = _ddp_config(None, 16)
     return train_mod.build_model(train_mod.resolve_runtime(cfg), 10, 1, 8).state_dict()
+
+
+def test_synthetic_images_for_throughput_runs():
+    summary = train_mod.train(resolve(dict(synthetic=True, model="convit_tiny", input_size=32, embed_dim=32,
+                                           batch_size=4, epochs=1, max_steps=2, progress=False, nb_classes=10)))
+    assert summary["global_step"] == 2 and summary["train_images_per_s"] > 0
