@@ -67,12 +67,15 @@ def test_forward_and_all_gradients_match_reference(case):
         if name == "grad_pos_bias":
             continue
         if dtype == torch.float32:
-            # fp32 with fp32 accumulation and IEEE dots: rounding of sums over <= N*D (forward) or
-            # B*N*N (the pos_weight / gating reductions) terms, a few 1e-6 relative to the largest
-            # entry. 2e-5 (forward) / 5e-5 (gradients) of that scale leaves margin; a wrong term
-            # or a missing mask errs by O(1) of it.
-            scale = max(1.0, want.abs().max().item())
-            assert_close(got, want, atol=(2e-5 if i == 0 else 5e-5) * scale, name=name)
+            # fp32 errs from two sources: rounding of long sums (~1e-6 of the largest entry) and the
+            # conditioning of the positional logits (|w . r| reaches 10^2, so exp arguments carry
+            # ~|z| * 2^-24 absolute error), which dominates grad_pos_weight (sum of dZ * r with
+            # r up to rows^2 + cols^2, heavy cancellation). The reference run in fp32 suffers the
+            # same conditioning, so a multiple of its error (x10 output, x20 gradients: exp2, other
+            # summation orders; 100 draws stayed under a third of it) plus 2e-5 of the largest
+            # entry bounds the kernel, while any wrong term errs by O(1) of that entry.
+            allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
+            assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
         else:
             # The 2x / 3x rule of DESIGN.md section 4: at most 2x (output) / 3x (gradients) the
             # error of the reference computed in the same low precision, plus a hair of fp32 noise.
@@ -93,12 +96,11 @@ def test_auto_path_is_tiled_beyond_256_keys(monkeypatch):
     inputs = make_gpsa_inputs(1, 2, 40, 16, (5, 8), device=DEVICE)
     grad_out = torch.randn(1, 2, 40, 16, device=DEVICE)
     out, grads = _run_triton(inputs, grad_out)
-    ts = [t.detach().double().requires_grad_(True) for t in inputs[:6]]
-    ref = ck.gpsa_reference(*ts, inputs[6])
-    ref_grads = torch.autograd.grad(ref, ts, grad_out.double())
-    for name, got, want in zip(NAMES, (out, *grads), (ref, *ref_grads)):
-        # Same fp32 reasoning as in the test above.
-        assert_close(got, want, atol=5e-5 * max(1.0, want.abs().max().item()), name=name)
+    ref, ref_grads, ref_err_out, ref_err_grads = reference_errors(inputs, torch.float32, grad_out)
+    for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (ref, *ref_grads))):
+        # The fp32 rule of the test above.
+        allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
+        assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
 
 
 def test_strided_views_of_fused_projection_give_identical_results():

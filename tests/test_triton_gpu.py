@@ -52,9 +52,11 @@ def _check_against_reference(B, H, N, D, dtype, layout="bnhd", block_n=0, split_
         if name == "grad_pos_bias":
             continue
         if dtype == torch.float32:
-            # IEEE fp32 dots, fp32 accumulation: sums of up to B*N*N terms round at a few 1e-6 of
-            # the largest entry; TF32 (10-bit mantissa) would err near 1e-3 and fail this.
-            assert_close(got, want, atol=(2e-5 if i == 0 else 5e-5) * max(1.0, want.abs().max().item()), name=name)
+            # The fp32 rule of tests/test_triton.py (a multiple of the fp32 reference's own error,
+            # which carries the conditioning of the positional logits, plus 2e-5 of the largest
+            # entry). TF32 dots (10-bit mantissa) would err near 1e-3 of it and fail.
+            allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
+            assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
         else:
             allowed = (2.0 if i == 0 else 3.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1]) + 1e-6
             err = max_error(got, want)
