@@ -182,8 +182,11 @@ def test_emulated_kernels_match_reference(emu_lib, dtype, B, H, N, D, grid):
         assert_close(t, e, atol=rel_grad * max(1.0, e.abs().max().item()), name=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("B,H,N,D,grid", LOW_CASES, ids=lambda c: str(c))
+# bf16 on every case; fp16 (the same code with another conversion) on one tensor-core and one SIMT case.
+LOW_PARAMS = [(torch.bfloat16, *c) for c in LOW_CASES] + [(torch.float16, *LOW_CASES[1]), (torch.float16, *CASES[0])]
+
+
+@pytest.mark.parametrize("dtype,B,H,N,D,grid", LOW_PARAMS, ids=lambda c: str(c))
 def test_emulated_low_precision_by_the_2x_rule(emu_lib, dtype, B, H, N, D, grid):
     gen = torch.Generator().manual_seed(N * 1000 + D + 7)
     inputs = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)

@@ -200,7 +200,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
     import convit_kernels as ck
     from convit_kernels.testing import make_gpsa_inputs
     for dtype in (torch.float32, torch.bfloat16):
-        for N, grid, D in ((50, (5, 10), 48), (300, (15, 20), 40)):   # whole-row and tiled paths
+        # whole-row / tiled forward; SIMT (D = 40) and, for bf16, tensor-core (D % 16 == 0) kernels
+        for N, grid, D in ((50, (5, 10), 48), (300, (15, 20), 40), (300, (15, 20), 32)):
             *ts, grid = make_gpsa_inputs(2, 2, N, D, grid, dtype=dtype, device="cuda", layout="bnhd",
                                          requires_grad=True)
             out = ck.gpsa_attention(*ts, grid, backend="cuda")
