@@ -159,9 +159,12 @@ inline void run_block(const std::function<void()>& body, unsigned nthreads, size
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  for (;;) {
+  // Round-robin passes, alternating forward and reverse thread order, so that a missing barrier
+  // is exposed whichever side of it (lower or higher warp) runs first.
+  for (long pass = 0;; ++pass) {
     bool any = false;
-    for (Fiber& f : s.fibers) {
+    for (unsigned n = 0; n < nthreads; ++n) {
+      Fiber& f = s.fibers[pass % 2 == 0 ? n : nthreads - 1 - n];
       if (f.done) continue;
       any = true;
       s.current = &f;
