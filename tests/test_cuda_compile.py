@@ -3,7 +3,8 @@
 Every ``csrc/cuda/*.cu`` file is compiled with nvcc for sm_80 and sm_90 (the kernels include no
 torch header, so no CUDA build of torch is needed); the torch glue ``gpsa_cuda.cpp`` gets a g++
 syntax check against the installed torch headers where they are present. Tests skip, with the
-reason, where nvcc or g++ is missing. The compilers run in parallel: about a minute on 2 cores.
+reason, where nvcc or g++ is missing. The compilers run in parallel: about 65 s of CPU time (1-3 min
+wall-clock on 2 shared cores).
 """
 import glob
 import os

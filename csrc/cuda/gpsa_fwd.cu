@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_kernel(FwdArgs<T> a) 
 // 2. one warp per row (as before): scale, mask, both softmaxes, the mix, rounded to T into p_t;
 // 3. out (16 x D) = P V: output tile t (columns 16 t .. 16 t + 15) belongs to warp t % 4, which
 //    accumulates it over all keys, 16 per k step.
-// Grid: (ceil(N / kBlockM), H, B); block: kThreads; dynamic shared memory: mma_smem_bytes.
+// Grid: (ceil(N / kBlockM), H, B); block: kThreads; dynamic shared memory: mma_smem_layout().total.
 constexpr int kMmaKeyChunk = 64;                     // keys per staged K / V chunk: 16 per warp
 constexpr int kMmaMaxOutTiles = kMaxHeadDim / 16 / kWarps;  // output tiles per warp at D = 128: 2
 static_assert(kBlockM == 16, "one WMMA tile covers the CTA's query rows");
