@@ -72,7 +72,7 @@ def test_forward_and_all_gradients_match_reference(case):
             # ~|z| * 2^-24 absolute error), which dominates grad_pos_weight (sum of dZ * r with
             # r up to rows^2 + cols^2, heavy cancellation). The reference run in fp32 suffers the
             # same conditioning, so a multiple of its error (x10 output, x20 gradients: exp2, other
-            # summation orders; 100 draws stayed under a third of it) plus 2e-5 of the largest
+            # summation orders; the worst of 100 draws reached 0.62 of it) plus 2e-5 of the largest
             # entry bounds the kernel, while any wrong term errs by O(1) of that entry.
             allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
             assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
