@@ -70,10 +70,13 @@ def _check_against_reference(B, H, N, D, dtype, layout="bnhd"):
         if name == "grad_pos_bias":
             continue
         if dtype == torch.float32:
-            # Strict: IEEE fp32 FMA dots, fp32 accumulation, library expf/logf (no fast math).
-            # Sums of up to B*N*N terms (grad_pos_weight) round at a few 1e-6 of the largest entry;
-            # TF32 or approximate exp would err near 1e-3 / 1e-5 and fail this.
-            assert_close(got, want, atol=(2e-5 if i == 0 else 5e-5) * max(1.0, want.abs().max().item()), name=name)
+            # The project's fp32 rule (tests/test_triton.py): a multiple of the fp32 reference's own
+            # error, which carries the conditioning of the positional logits (|w . r| reaches 10^2,
+            # so exp arguments carry ~|z| 2^-24 absolute error; grad_pos_weight cancels heavily),
+            # plus 2e-5 of the largest entry for long fp32 sums. The kernels use IEEE FMA and
+            # library expf/logf (no fast math); TF32 dots would err near 1e-3 and fail.
+            allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
+            assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
         else:
             # DESIGN.md section 4: at most 2x (3x for gradients) the error of the reference run in dtype.
             allowed = (2.0 if i == 0 else 3.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1]) + 1e-6
