@@ -17,6 +17,7 @@ constexpr int kMmaChunk = 64;  // keys (dQ kernel) / queries (dK/dV kernel) per 
 constexpr int kMmaMaxTiles = kMaxHeadDim / 16 / kWarps;  // output tiles of 16 columns per warp at D = 128: 2
 static_assert(kBwdBlockM == 16 && kBwdBlockN == 16, "one WMMA tile covers the CTA's rows");
 static_assert(kMmaChunk == 16 * kWarps, "one 16-wide tile per warp");
+static_assert(kMmaMaxTiles * 16 * kWarps == kMaxHeadDim, "output tiles cover D = 128");
 
 using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 

@@ -257,6 +257,7 @@ constexpr int kMmaKeyChunk = 64;                     // keys per staged K / V ch
 constexpr int kMmaMaxOutTiles = kMaxHeadDim / 16 / kWarps;  // output tiles per warp at D = 128: 2
 static_assert(kBlockM == 16, "one WMMA tile covers the CTA's query rows");
 static_assert(kMmaKeyChunk == 16 * kWarps, "one 16-key tile per warp in step 1");
+static_assert(kMmaMaxOutTiles * 16 * kWarps == kMaxHeadDim, "output tiles cover D = 128");
 
 // Shared-memory carve-up of the MMA kernel; every region starts on a 128-byte boundary (WMMA needs
 // 32-byte aligned tile pointers).
