@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +235,23 @@ def test_cli_errors():
     with pytest.raises(ValueError, match="--query"):
         run(["--model", "convit_tiny", "--img-size", "16", "--depth", "1", "--local_up_to_layer", "1",
               "--num-images", "1", "--query", "5,0", "--output-dir", "/nonexistent-never-written"])
+
+
+def test_sample_efficiency_script_smoke(tmp_path, monkeypatch):
+    # The study script end to end at a toy size (2 epochs on 10 % of the digits, one seed): its CSV
+    # has one row per (variant, fraction, seed) and its plot is written. The real run is minutes long.
+    import csv
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sample_efficiency.py")
+    spec = importlib.util.spec_from_file_location("sample_efficiency", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "sample_efficiency", module)  # the worker processes unpickle run_one by name
+    spec.loader.exec_module(module)
+    out = tmp_path / "se"
+    assert module.main(["--fractions", "0.1", "--seeds", "0", "--base-epochs", "0.2", "--workers", "1",
+                        "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(f"{out}.csv")))
+    assert sorted(int(r["local_up_to_layer"]) for r in rows) == [0, 5]
+    assert all(r["epochs"] == "2" and 0.0 <= float(r["final_acc1"]) <= 100.0 for r in rows)
+    _check_png(f"{out}.png", (720, 480))  # SAMPLE_EFFICIENCY_FIGSIZE (6, 4) at 120 dpi
