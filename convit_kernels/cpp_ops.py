@@ -144,7 +144,7 @@ register_backend(Backend(
     device_types=("cpu",),
     probe=_probe_cpu,
     auto_rank=lambda dev: 10 if dev == "cpu" else None,
-    dtypes=(torch.float32, torch.float64),
+    dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
 ))
 
 register_backend(Backend(

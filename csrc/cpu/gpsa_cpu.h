@@ -13,6 +13,8 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 namespace convit_kernels::cpu {
 
@@ -68,6 +70,26 @@ PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t col
 void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols);
 at::Tensor rows_usable(const at::Tensor& t);
+
+// A (rows x D) block with row stride ld as the accumulation type A: the block itself when T is A,
+// else a converted copy in `stage` (row stride D). Returns the pointer and its row stride.
+template <typename T, typename A>
+inline std::pair<const A*, int64_t> as_acc(const T* p, int64_t ld, int64_t rows, int64_t D, A* stage) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {p, ld};
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) stage[r * D + d] = A(p[r * ld + d]);
+    return {stage, D};
+  }
+}
+
+// Rounds a (rows x D) block of A (row stride D) into dst (row stride ld).
+template <typename T, typename A>
+inline void store_rows(const A* src, int64_t rows, int64_t D, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) dst[r * ld + d] = T(src[r * D + d]);
+}
 
 // Query rows per task: about `target`, spread evenly over ceil(N / target) blocks.
 inline int64_t block_rows(int64_t N, int64_t target) {

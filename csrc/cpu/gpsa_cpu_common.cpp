@@ -128,31 +128,38 @@ CONVIT_INLINE T softmax_mix_row_t(T* s, const T* ppos, int64_t n, T gate) {
 template <typename T>
 CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, T* dm, const T* colj, const T* rowj, T coli, T rowi,
                              int64_t n, T gate, double* acc) {
-  T dc = 0, dp = 0;
-#pragma omp simd reduction(+ : dc, dp)
+  // dL/dpos_weight_i = sum_j dZ_ij r_ij sums terms of both signs weighted by squared distances. As
+  // sum_j dZ_ij = 0, r_ij may be centred on its P_pos-mean rbar_i first: same value, far less
+  // cancellation. Row sums are taken in double.
+  double dc = 0, dp = 0, mx = 0, my = 0, mr = 0;
+#pragma omp simd reduction(+ : dc, dp, mx, my, mr)
   for (int64_t j = 0; j < n; ++j) {
     const T p = exp_approx(s[j] - lse);
     s[j] = p;
-    dc += p * dm[j];
-    dp += ppos[j] * dm[j];
+    dc += double(p * dm[j]);
+    dp += double(ppos[j] * dm[j]);
+    const T dx = colj[j] - coli, dy = rowj[j] - rowi;
+    mx += double(ppos[j] * dx);
+    my += double(ppos[j] * dy);
+    mr += double(ppos[j] * (dx * dx + dy * dy));
   }
-  const T omg = T(1) - gate;
-  T ax = 0, ay = 0, ar = 0;
+  const T omg = T(1) - gate, dct = T(dc), dpt = T(dp), cx = T(mx), cy = T(my), cr = T(mr);
+  double ax = 0, ay = 0, ar = 0;
 #pragma omp simd reduction(+ : ax, ay, ar)
   for (int64_t j = 0; j < n; ++j) {
     const T d = dm[j], pc = s[j], pp = ppos[j];
-    s[j] = omg * pc * (d - dc);
-    const T dz = gate * pp * (d - dp);
+    s[j] = omg * pc * (d - dct);
+    const T dz = gate * pp * (d - dpt);
     const T dx = colj[j] - coli, dy = rowj[j] - rowi;
-    ax += dz * dx;
-    ay += dz * dy;
-    ar += dz * (dx * dx + dy * dy);
+    ax += double(dz * (dx - cx));
+    ay += double(dz * (dy - cy));
+    ar += double(dz * (dx * dx + dy * dy - cr));
     dm[j] = omg * pc + gate * pp;
   }
-  acc[0] += double(ax);
-  acc[1] += double(ay);
-  acc[2] += double(ar);
-  acc[3] += double(dp) - double(dc);
+  acc[0] += ax;
+  acc[1] += ay;
+  acc[2] += ar;
+  acc[3] += dp - dc;
 }
 
 }  // namespace
@@ -234,8 +241,8 @@ void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, cons
     TORCH_CHECK_VALUE(t->device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor; got ",
                       t->device());
   }
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
-                   " (CPU kernel): q must be float32 or float64; got ", q.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()) && at::elementSize(q.scalar_type()) >= 2, op,
+                   " (CPU kernel): q must be float64, float32, float16 or bfloat16; got ", q.scalar_type());
   TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op,
                     ": k and v must have the shape of q ", q.sizes(), "; got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,

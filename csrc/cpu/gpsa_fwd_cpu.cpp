@@ -6,6 +6,8 @@
 // Nothing of size N x N outlives the task; P_pos is shared by the whole batch (gpsa_cpu.h).
 #include "gpsa_cpu.h"
 
+#include <ATen/OpMathType.h>
+
 #include <cmath>
 
 namespace convit_kernels::cpu {
@@ -15,10 +17,14 @@ template <typename T>
 void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos_weight,
                      const at::Tensor& gating, int64_t rows, int64_t cols, double scale, at::Tensor& out,
                      at::Tensor& lse) {
+  // A: the accumulation type (float for float / half / bfloat16, double for double). Half and bfloat16
+  // blocks are staged as float (K and V once per (b, h), Q and out per block).
+  using A = at::opmath_type<T>;
+  constexpr bool kStage = !std::is_same_v<T, A>;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  const PosRows<T> pos = make_pos_rows<T>(pos_weight, rows, cols);
+  const PosRows<A> pos = make_pos_rows<A>(pos_weight, rows, cols);
   const at::Tensor gate_t = at::sigmoid(gating).contiguous();
-  const T* gate = gate_t.const_data_ptr<T>();
+  const A* gate = gate_t.const_data_ptr<A>();
   // Whole rows of 256 queries make the GEMMs efficient; with few (b, h) pairs, smaller blocks give the
   // threads enough tasks. The choice depends on the shape only, so results do not depend on threads.
   const int64_t bq = block_rows(N, B * H >= 16 ? 256 : 64);
@@ -27,29 +33,44 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   T* op = out.data_ptr<T>();  // (B, N, H, D) contiguous
-  T* lp = lse.data_ptr<T>();  // (B, H, N) contiguous
-  const T alpha = T(scale);
+  A* lp = lse.data_ptr<A>();  // (B, H, N) contiguous
+  const A alpha = A(scale);
+  const int64_t staged = kStage ? 2 * N * D + 2 * bq * D : 0;
 
   at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
-    c10::DataPtr buf = c10::GetCPUAllocator()->allocate(sizeof(T) * (bq * N + N));  // 64-byte aligned
-    T* S = static_cast<T*>(buf.get());
-    T* scratch = S + bq * N;
+    c10::DataPtr buf = c10::GetCPUAllocator()->allocate(sizeof(A) * (bq * N + N + staged));  // 64-byte aligned
+    A* S = static_cast<A*>(buf.get());
+    A* scratch = S + bq * N;
+    A* k_st = scratch + N;  // staging (half / bfloat16 only)
+    A* v_st = k_st + N * D;
+    A* q_st = v_st + N * D;
+    A* o_st = q_st + bq * D;
+    int64_t staged_bh = -1;
+    std::pair<const A*, int64_t> ka, va;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (H * nblk), h = (t / nblk) % H, i0 = (t % nblk) * bq;
       const int64_t m = std::min(bq, N - i0);
-      const T* qb = qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
-      const T* kb = kp + b * k.stride(0) + h * k.stride(1);
-      const T* vb = vp + b * v.stride(0) + h * v.stride(1);
+      if (b * H + h != staged_bh) {
+        ka = as_acc(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), N, D, k_st);
+        va = as_acc(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), N, D, v_st);
+        staged_bh = b * H + h;
+      }
+      const auto qa = as_acc(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), m, D, q_st);
       // S (m x N, row-major) = scale * Q_blk K^T, i.e. column-major S^T = K Q_blk^T.
-      gemm(true, false, N, m, D, alpha, kb, k.stride(2), qb, q.stride(2), T(0), S, N);
-      T* lrow = lp + (b * H + h) * N + i0;
+      gemm(true, false, N, m, D, alpha, ka.first, ka.second, qa.first, qa.second, A(0), S, N);
+      A* lrow = lp + (b * H + h) * N + i0;
       for (int64_t r = 0; r < m; ++r) {
-        const T* pp = pos.get(h, i0 + r, scratch);
+        const A* pp = pos.get(h, i0 + r, scratch);
         lrow[r] = softmax_mix_row(S + r * N, pp, N, gate[h]);
       }
       // out_blk (m x D, row stride H * D) = M V, i.e. column-major out^T = V^T M^T.
       T* ob = op + ((b * N + i0) * H + h) * D;
-      gemm(false, false, D, m, N, T(1), vb, v.stride(2), S, N, T(0), ob, H * D);
+      if constexpr (kStage) {
+        gemm(false, false, D, m, N, A(1), va.first, va.second, S, N, A(0), o_st, D);
+        store_rows(o_st, m, D, ob, H * D);
+      } else {
+        gemm(false, false, D, m, N, A(1), va.first, va.second, S, N, A(0), ob, H * D);
+      }
     }
   });
 }
@@ -64,9 +85,9 @@ std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q_in, const at
   const at::Tensor q = rows_usable(q_in), k = rows_usable(k_in), v = rows_usable(v_in);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, N, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, N}, q.options());  // acc dtype == q dtype for float32 / float64
+  at::Tensor lse = at::empty({B, H, N}, pos_weight.options());  // the accumulation dtype
   if (B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "gpsa_fwd_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gpsa_fwd_cpu", [&] {
       gpsa_fwd_kernel<scalar_t>(q, k, v, pos_weight, gating, rows, cols, scale, out, lse);
     });
   }
