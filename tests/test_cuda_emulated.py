@@ -133,8 +133,8 @@ def _emu_backward(lib, go, q, k, v, w, g, lse, rows, cols, scale):
 
 # (B, H, N, D, grid): whole-row path (N <= 256) incl. N below one key chunk and D = 128; the tiled
 # online-softmax path (N > 256) with a non-square grid and a partial last key chunk. For fp16/bf16,
-# D % 16 == 0 takes the WMMA kernels (whole-row forward for N <= 256, backward for any N; D = 48:
-# three k steps; D = 128: two output tiles per warp); other D the SIMT kernels.
+# D % 16 == 0 takes the WMMA kernels (whole-row or tiled forward, backward; D = 48: three k steps;
+# D = 128: two output tiles per warp); other D the SIMT kernels.
 CASES = [
     (2, 2, 50, 24, (5, 10)),
     (1, 2, 7, 8, (7, 1)),
@@ -142,7 +142,8 @@ CASES = [
     (2, 2, 50, 48, (5, 10)),
     (1, 1, 300, 40, (15, 20)),
 ]
-LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 300, 32, (15, 20)), CASES[0], CASES[4]]
+LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 300, 32, (15, 20)), (1, 1, 270, 128, (15, 18)),
+             CASES[0], CASES[4]]
 
 
 def _run_emulated(lib, q, k, v, w, g, grid, go, scale):

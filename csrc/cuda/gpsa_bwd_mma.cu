@@ -3,36 +3,17 @@
 // gpsa_bwd.cu (see its header for the formulas); no atomics, every sum in a fixed order.
 // Operands live in shared memory in T; the probabilities M and dS are rounded to T once before
 // their matmuls (as flash attention does); all elementwise math and the dw / dg partials are fp32.
-#include <mma.h>
-
 #include "gpsa_common.cuh"
 
 namespace convit_kernels {
 namespace cuda {
 namespace detail {
 
-namespace wmma = nvcuda::wmma;
-
 constexpr int kMmaChunk = 64;  // keys (dQ kernel) / queries (dK/dV kernel) per staged chunk: 16 per warp
 constexpr int kMmaMaxTiles = kMaxHeadDim / 16 / kWarps;  // output tiles of 16 columns per warp at D = 128: 2
 static_assert(kBwdBlockM == 16 && kBwdBlockN == 16, "one WMMA tile covers the CTA's rows");
 static_assert(kMmaChunk == 16 * kWarps, "one 16-wide tile per warp");
 static_assert(kMmaMaxTiles * 16 * kWarps == kMaxHeadDim, "output tiles cover D = 128");
-
-using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// acc (16 x 16) += A B over D / 16 k steps: A = a_rows (16 x D, row-major, ld D), B = b_rows^T
-// where b_rows is 16 x D row-major (ld D), i.e. acc[r][c] += a_rows[r] . b_rows[c].
-template <typename T>
-__device__ __forceinline__ void mma_rows_dot_rows(AccFrag& acc, const T* a_rows, const T* b_rows, int D) {
-  for (int kk = 0; kk < D / 16; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, c) = b_rows[c][16 kk + k]
-    wmma::load_matrix_sync(fa, a_rows + 16 * kk, D);
-    wmma::load_matrix_sync(fb, b_rows + 16 * kk, D);
-    wmma::mma_sync(acc, fa, fb, acc);
-  }
-}
 
 // ---- dQ kernel ----
 // CTA: 16 query rows of one (b, h). Keys in chunks of 64, warp w owning keys 16 w .. 16 w + 15 of

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cstdint>
@@ -159,6 +160,44 @@ inline bool device_is_sm80_or_newer() {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   return major >= 8;
 }
+
+// ---- tensor cores (WMMA m16n16k16, fp32 accumulation), sm_80+ for bf16 ----
+namespace wmma = nvcuda::wmma;
+using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// acc (16 x 16) += A B over D / 16 k steps: A = a_rows (16 x D, row-major, ld D), B = b_rows^T
+// where b_rows is 16 x D row-major (ld D), i.e. acc[r][c] += a_rows[r] . b_rows[c].
+template <typename T>
+__device__ __forceinline__ void mma_rows_dot_rows(AccFrag& acc, const T* a_rows, const T* b_rows, int D) {
+  for (int kk = 0; kk < D / 16; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, c) = b_rows[c][16 kk + k]
+    wmma::load_matrix_sync(fa, a_rows + 16 * kk, D);
+    wmma::load_matrix_sync(fb, b_rows + 16 * kk, D);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+}
+
+// ---- forward: shared by gpsa_fwd.cu and gpsa_fwd_mma.cu ----
+constexpr int kBlockM = 16;  // query rows per CTA of every forward kernel
+
+template <typename T>
+struct FwdArgs {
+  using Acc = typename AccOf<T>::type;
+  const T* q; const T* k; const T* v;
+  Strides3 qs, ks, vs;
+  const Acc* pos_weight; const Acc* gating;
+  T* out; Strides3 os;
+  Acc* lse;
+  const Acc* pos_lse;
+  int B, H, N, D, rows, cols;
+  Acc scale;
+};
+
+// The tensor-core tiled forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with
+// D % 16 == 0 on sm_80+, any N: the outputs of gpsa_fwd_tiled_kernel.
+template <typename T>
+cudaError_t fwd_tiled_mma_launch(const FwdArgs<T>& a, dim3 grid, cudaStream_t stream);
 
 // ---- backward: shared by gpsa_bwd.cu (SIMT kernels, the reduction) and gpsa_bwd_mma.cu ----
 constexpr int kBwdBlockM = 16;  // query rows per CTA of the dQ kernels

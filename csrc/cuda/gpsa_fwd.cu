@@ -4,34 +4,18 @@
 // Per (b, h) and query row i, with s = sigmoid(gating[h]) and z_ij = w_h . (dx, dy, dx^2 + dy^2):
 //   out_i = sum_j ((1 - s) softmax_j(scale q_i . k_j) + s softmax_j(z_ij)) v_j
 //   lse_i = logsumexp_j(scale q_i . k_j)
-#include <mma.h>
-
 #include "gpsa_common.cuh"
 
 namespace convit_kernels {
 namespace cuda {
 namespace detail {
 
-constexpr int kBlockM = 16;    // query rows per CTA
 constexpr int kKeyChunk = 32;  // keys staged in shared memory at a time (one per lane)
 constexpr int kRowsPerWarp = kBlockM / kWarps;                   // 4
 constexpr int kOutPerThread = kBlockM * kMaxHeadDim / kThreads;  // 16 (r, d) outputs per thread at most
 
 static_assert(kKeyChunk == 32, "a score tile row is one warp wide");
 static_assert(kBlockM % kWarps == 0, "rows are dealt to warps evenly");
-
-template <typename T>
-struct FwdArgs {
-  using Acc = typename AccOf<T>::type;
-  const T* q; const T* k; const T* v;
-  Strides3 qs, ks, vs;
-  const Acc* pos_weight; const Acc* gating;
-  T* out; Strides3 os;
-  Acc* lse;
-  const Acc* pos_lse;
-  int B, H, N, D, rows, cols;
-  Acc scale;
-};
 
 // One warp per (h, query row i): pos_lse[h, i] = logsumexp_j z_ij, two passes over the keys.
 // Grid: (ceil(N / kWarps), H); block: kThreads.
@@ -278,7 +262,6 @@ __host__ __device__ inline MmaSmem mma_smem_layout(int n_pad, int D, size_t elem
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_mma_kernel(FwdArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  namespace wmma = nvcuda::wmma;
   extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
   const int N = a.N, D = a.D;
   const int n_pad = ceil_div(N, kMmaKeyChunk) * kMmaKeyChunk;
@@ -376,13 +359,6 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_wholerow_mma_kernel(FwdArgs
 #endif
 }
 
-// Whether the tensor-core whole-row kernel serves this call: 16-bit inputs, D a multiple of 16,
-// N <= kWholeRowMaxN, a device of compute capability 8.0 or newer.
-template <typename T>
-bool use_mma_path(int N, int D) {
-  return D % 16 == 0 && N <= kWholeRowMaxN && device_is_sm80_or_newer();
-}
-
 template <typename Acc>
 size_t wholerow_smem_bytes(int N, int D) {
   const int n_pad = ceil_div(N, kKeyChunk) * kKeyChunk;
@@ -414,10 +390,13 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   a.scale = Acc(p.scale);
   const dim3 grid(ceil_div(p.N, kBlockM), p.H, p.B);
   if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
-    if (use_mma_path<T>(p.N, p.D))
-      return launch_with_smem(gpsa_fwd_wholerow_mma_kernel<T>, grid,
-                              mma_smem_layout(ceil_div(p.N, kMmaKeyChunk) * kMmaKeyChunk, p.D, sizeof(T)).total,
-                              stream, a);
+    if (p.D % 16 == 0 && device_is_sm80_or_newer()) {
+      if (p.N <= kWholeRowMaxN)
+        return launch_with_smem(gpsa_fwd_wholerow_mma_kernel<T>, grid,
+                                mma_smem_layout(ceil_div(p.N, kMmaKeyChunk) * kMmaKeyChunk, p.D, sizeof(T)).total,
+                                stream, a);
+      return fwd_tiled_mma_launch<T>(a, grid, stream);
+    }
   }
   if (p.N <= kWholeRowMaxN)
     return launch_with_smem(gpsa_fwd_wholerow_kernel<T>, grid, wholerow_smem_bytes<Acc>(p.N, p.D), stream, a);
