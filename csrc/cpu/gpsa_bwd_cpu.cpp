@@ -56,6 +56,7 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
     A* q_st = dv_st + N * D;
     A* g_st = q_st + bq * D;
     A* dq_st = g_st + bq * D;
+    A rbar_st[3];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
       const auto ka = as_acc(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), N, D, k_st);
@@ -82,8 +83,9 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           const A* pp = pos.get(h, i, scratch);
-          bwd_row(S + r * N, lrow[r], pp, dM + r * N, pos.colj, pos.rowj, pos.colj[i], pos.rowj[i], N, gate[h],
-                  acc);
+          const A* rbar = pos.mean(h, i, pp, rbar_st);
+          bwd_row(S + r * N, lrow[r], pp, rbar, dM + r * N, pos.colj, pos.rowj, pos.colj[i], pos.rowj[i], N,
+                  gate[h], acc);
         }
         // S now holds dS_c, dM holds M.
         T* dqb = gqp + ((b * N + i0) * H + h) * D;

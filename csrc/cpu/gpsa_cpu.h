@@ -36,19 +36,26 @@ void pos_softmax_row(const double* w, const double* colj, const double* rowj, do
 float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate);
 double softmax_mix_row(double* s, const double* ppos, int64_t n, double gate);
 
+// rbar[0..2] = sum_j ppos[j] (dx, dy, dx^2 + dy^2): the P_pos-mean of r_ij for query row i.
+void pos_row_mean(const float* ppos, const float* colj, const float* rowj, float coli, float rowi, int64_t n,
+                  float* rbar);
+void pos_row_mean(const double* ppos, const double* colj, const double* rowj, double coli, double rowi, int64_t n,
+                  double* rbar);
+
 // Backward row. In: s = scaled content logits, dm = dL/dM = g_i V^T. Out: s = dS_c (the gradient of
 // the content logits before the scale), dm = the mixed attention M (for dV). Adds to acc[0..2] the
-// row's share of dL/dpos_weight and to acc[3] rowsum(P_pos dM) - rowsum(P_c dM).
-void bwd_row(float* s, float lse, const float* ppos, float* dm, const float* colj, const float* rowj, float coli,
-             float rowi, int64_t n, float gate, double* acc);
-void bwd_row(double* s, double lse, const double* ppos, double* dm, const double* colj, const double* rowj,
-             double coli, double rowi, int64_t n, double gate, double* acc);
+// row's share of dL/dpos_weight and to acc[3] rowsum(P_pos dM) - rowsum(P_c dM). rbar: pos_row_mean.
+void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
+             const float* rowj, float coli, float rowi, int64_t n, float gate, double* acc);
+void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
+             const double* rowj, double coli, double rowi, int64_t n, double gate, double* acc);
 
 // The positional probabilities of a call. They do not depend on the batch: computed once per call
 // as an (H, N, N) table when it is small enough, otherwise one row at a time on demand.
 template <typename T>
 struct PosRows {
   at::Tensor table;      // (H, N, N) or undefined
+  at::Tensor mean_t;     // (H, N, 3): pos_row_mean of every row, with the table
   at::Tensor colj_t, rowj_t, w_t;
   const T* w = nullptr;  // (H, 3), contiguous
   const T* colj = nullptr;
@@ -59,6 +66,13 @@ struct PosRows {
     if (table.defined()) return table.const_data_ptr<T>() + (h * N + i) * N;
     pos_softmax_row(w + 3 * h, colj, rowj, colj[i], rowj[i], N, scratch);
     return scratch;
+  }
+
+  // The mean of r_ij under row (h, i), whose probabilities `row` get() returned.
+  const T* mean(int64_t h, int64_t i, const T* row, T* scratch3) const {
+    if (mean_t.defined()) return mean_t.const_data_ptr<T>() + (h * N + i) * 3;
+    pos_row_mean(row, colj, rowj, colj[i], rowj[i], N, scratch3);
+    return scratch3;
   }
 };
 

@@ -126,24 +126,35 @@ CONVIT_INLINE T softmax_mix_row_t(T* s, const T* ppos, int64_t n, T gate) {
 }
 
 template <typename T>
-CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, T* dm, const T* colj, const T* rowj, T coli, T rowi,
-                             int64_t n, T gate, double* acc) {
-  // dL/dpos_weight_i = sum_j dZ_ij r_ij sums terms of both signs weighted by squared distances. As
-  // sum_j dZ_ij = 0, r_ij may be centred on its P_pos-mean rbar_i first: same value, far less
-  // cancellation. Row sums are taken in double.
-  double dc = 0, dp = 0, mx = 0, my = 0, mr = 0;
-#pragma omp simd reduction(+ : dc, dp, mx, my, mr)
+CONVIT_INLINE void pos_row_mean_t(const T* ppos, const T* colj, const T* rowj, T coli, T rowi, int64_t n, T* rbar) {
+  double mx = 0, my = 0, mr = 0;
+#pragma omp simd reduction(+ : mx, my, mr)
   for (int64_t j = 0; j < n; ++j) {
-    const T p = exp_approx(s[j] - lse);
-    s[j] = p;
-    dc += double(p * dm[j]);
-    dp += double(ppos[j] * dm[j]);
     const T dx = colj[j] - coli, dy = rowj[j] - rowi;
     mx += double(ppos[j] * dx);
     my += double(ppos[j] * dy);
     mr += double(ppos[j] * (dx * dx + dy * dy));
   }
-  const T omg = T(1) - gate, dct = T(dc), dpt = T(dp), cx = T(mx), cy = T(my), cr = T(mr);
+  rbar[0] = T(mx);
+  rbar[1] = T(my);
+  rbar[2] = T(mr);
+}
+
+template <typename T>
+CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, const T* colj, const T* rowj, T coli,
+                             T rowi, int64_t n, T gate, double* acc) {
+  // dL/dpos_weight_i = sum_j dZ_ij r_ij sums terms of both signs weighted by squared distances. As
+  // sum_j dZ_ij = 0, r_ij may be centred on its P_pos-mean rbar_i first: same value, far less
+  // cancellation. Row sums are taken in double.
+  double dc = 0, dp = 0;
+#pragma omp simd reduction(+ : dc, dp)
+  for (int64_t j = 0; j < n; ++j) {
+    const T p = exp_approx(s[j] - lse);
+    s[j] = p;
+    dc += double(p * dm[j]);
+    dp += double(ppos[j] * dm[j]);
+  }
+  const T omg = T(1) - gate, dct = T(dc), dpt = T(dp), cx = rbar[0], cy = rbar[1], cr = rbar[2];
   double ax = 0, ay = 0, ar = 0;
 #pragma omp simd reduction(+ : ax, ay, ar)
   for (int64_t j = 0; j < n; ++j) {
@@ -187,13 +198,21 @@ CONVIT_CLONES float softmax_mix_row(float* s, const float* ppos, int64_t n, floa
 double softmax_mix_row(double* s, const double* ppos, int64_t n, double gate) {
   return softmax_mix_row_t<double>(s, ppos, n, gate);
 }
-CONVIT_CLONES void bwd_row(float* s, float lse, const float* ppos, float* dm, const float* colj, const float* rowj,
-                           float coli, float rowi, int64_t n, float gate, double* acc) {
-  bwd_row_t<float>(s, lse, ppos, dm, colj, rowj, coli, rowi, n, gate, acc);
+CONVIT_CLONES void pos_row_mean(const float* ppos, const float* colj, const float* rowj, float coli, float rowi,
+                                int64_t n, float* rbar) {
+  pos_row_mean_t<float>(ppos, colj, rowj, coli, rowi, n, rbar);
 }
-void bwd_row(double* s, double lse, const double* ppos, double* dm, const double* colj, const double* rowj,
-             double coli, double rowi, int64_t n, double gate, double* acc) {
-  bwd_row_t<double>(s, lse, ppos, dm, colj, rowj, coli, rowi, n, gate, acc);
+void pos_row_mean(const double* ppos, const double* colj, const double* rowj, double coli, double rowi, int64_t n,
+                  double* rbar) {
+  pos_row_mean_t<double>(ppos, colj, rowj, coli, rowi, n, rbar);
+}
+CONVIT_CLONES void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
+                           const float* rowj, float coli, float rowi, int64_t n, float gate, double* acc) {
+  bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, acc);
+}
+void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
+             const double* rowj, double coli, double rowi, int64_t n, double gate, double* acc) {
+  bwd_row_t<double>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, acc);
 }
 
 // Above this many (H * N * N) entries the positional rows are recomputed on demand instead.
@@ -219,12 +238,15 @@ PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t col
   pr.rowj = rj;
   if (H * N * N <= kMaxPosTable) {
     pr.table = at::empty({H, N, N}, opts);
+    pr.mean_t = at::empty({H, N, 3}, opts);
     T* tab = pr.table.template data_ptr<T>();
+    T* mean = pr.mean_t.template data_ptr<T>();
     const T* w = pr.w;
     at::parallel_for(0, H * N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t h = t / N, i = t % N;
         pos_softmax_row(w + 3 * h, cj, rj, cj[i], rj[i], N, tab + t * N);
+        pos_row_mean(tab + t * N, cj, rj, cj[i], rj[i], N, mean + t * 3);
       }
     });
   }
