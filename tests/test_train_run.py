@@ -55,7 +55,7 @@ def test_digits_loss_falls_and_log_fields(uninterrupted):
     for key in ("train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5", "n_parameters", "nonlocality",
                 "distances", "gating_params"):
         assert key in lines[0], key
-    assert len(lines[0]["nonlocality"]) == 6 and len(lines[0]["gating_params"]) == 5  # 6 blocks, 5 GPSA
+    assert len(lines[0]["nonlocality"]) == 6 and len(lines[0]["gating_params"]) == 4  # 6 blocks, 4 GPSA
     assert lines[1]["train_loss"] < lines[0]["train_loss"]
     assert summary["epochs"] == 2 and summary["global_step"] == 16 and summary["train_images_per_s"] > 0
 
