@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--base-epochs", type=float, default=20,
+    p.add_argument("--base-epochs", type=float, default=40,
                    help="epochs at 100 %%; a fraction f trains base_epochs / f epochs (same number of steps)")
     p.add_argument("--base-warmup-epochs", type=float, default=1, help="warm-up epochs at 100 %% (scaled alike)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes, one thread each")
