@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    INTERPRET, LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _rel_offsets, _rel_offsets_t, _scores,
+    INTERPRET, LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _pos_weights_log2, _rel_offsets, _rel_offsets_t,
+    _scores,
     _store_rows,
     choose_path, head_dim_split, pos_stats_launch, row_width,
 )
@@ -78,9 +79,7 @@ def _gpsa_bwd_dq_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0 = tl.load(W + h * 3 + 0) * LOG2E
-    w1 = tl.load(W + h * 3 + 1) * LOG2E
-    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    w0, w1, w2 = _pos_weights_log2(W, h)
     qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
     k_ty = K.dtype.element_ty
@@ -214,9 +213,7 @@ def _gpsa_bwd_dkv_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0 = tl.load(W + h * 3 + 0) * LOG2E
-    w1 = tl.load(W + h * 3 + 1) * LOG2E
-    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    w0, w1, w2 = _pos_weights_log2(W, h)
     qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
     q_ty = Q.dtype.element_ty

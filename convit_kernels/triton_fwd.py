@@ -119,6 +119,15 @@ def _rel_offsets_t(offs_k, offs_q, cols):
 
 
 @triton.jit
+def _pos_weights_log2(W, h):
+    """Head h's positional weights scaled by log2(e): the kernels exponentiate with exp2."""
+    w0 = tl.load(W + h * 3 + 0) * LOG2E
+    w1 = tl.load(W + h * 3 + 1) * LOG2E
+    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    return w0, w1, w2
+
+
+@triton.jit
 def _pos_arg(dx, dy, w0, w1, w2, lse2):
     """log2 of the positional probability: (w . r) log2(e) minus the row's log2-sum-exp2.
 
@@ -165,9 +174,7 @@ def _gpsa_pos_stats_kernel(W, POS_LSE2, N, cols, BLOCK_M: tl.constexpr, BLOCK_N:
     """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
-    w0 = tl.load(W + h * 3 + 0) * LOG2E
-    w1 = tl.load(W + h * 3 + 1) * LOG2E
-    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    w0, w1, w2 = _pos_weights_log2(W, h)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     zero = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -243,9 +250,7 @@ def _gpsa_fwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_base = OUT + b * stride_ob + h * stride_oh
-    w0 = tl.load(W + h * 3 + 0) * LOG2E
-    w1 = tl.load(W + h * 3 + 1) * LOG2E
-    w2 = tl.load(W + h * 3 + 2) * LOG2E
+    w0, w1, w2 = _pos_weights_log2(W, h)
     qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
 
