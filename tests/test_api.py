@@ -74,3 +74,17 @@ def test_import_survives_missing_backends():
             assert name not in ck.available_backends("cpu")
             with pytest.raises(ValueError, match=f"backend='{name}' is not available"):
                 ck.gpsa_attention(**_inputs(backend=name))
+
+
+def test_required_backends_are_available():
+    """CI names the backends it builds (CONVIT_TEST_REQUIRE=cpu,triton), so a broken extension or
+    kernel module fails the run instead of turning every test of that backend into a skip."""
+    import os
+
+    required = [name for name in os.environ.get("CONVIT_TEST_REQUIRE", "").split(",") if name]
+    if not required:
+        pytest.skip("CONVIT_TEST_REQUIRE is not set (CI sets it)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    status = ck.backend_status(device)
+    missing = {name: status.get(name, "unknown backend") for name in required if status.get(name) != "available"}
+    assert not missing, f"required backends unavailable on {device}: {missing}"
