@@ -35,7 +35,7 @@ import torch
 from convit_kernels.reference import gpsa_attention_probs
 
 from . import plots
-from .checkpoint import extract_state_dict, load_checkpoint
+from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
 from .locality import attention_centers, layer_locality_stats, nonlocality
 from .models import GPSA, MODEL_CONFIGS, ConViT, create_model
 
@@ -104,16 +104,6 @@ def _config_kwargs(config) -> dict:
     return out
 
 
-def _read_checkpoint(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist or is not a file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch.load raises many types on a foreign file
-        raise ValueError(f"{str(path)!r} could not be read as a torch checkpoint (weights_only=True): {err}") from err
-
-
 def build_model(checkpoint=None, model_name=None, overrides=None, gpsa_backend="reference", seed=0):
     """The ConViT to analyse and a description of where it came from.
 
@@ -125,7 +115,7 @@ def build_model(checkpoint=None, model_name=None, overrides=None, gpsa_backend="
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     kwargs, source = {}, {}
     if checkpoint is not None:
-        obj = _read_checkpoint(checkpoint)
+        obj = read_checkpoint(checkpoint)
         sd = extract_state_dict(obj, source=repr(str(checkpoint)))
         config = obj.get("config", obj.get("args")) if isinstance(obj, Mapping) else None
         cfg_kwargs = _config_kwargs(config)

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_checkpoint", "extract_state_dict", "resize_pos_embed"]
+__all__ = ["load_checkpoint", "read_checkpoint", "extract_state_dict", "resize_pos_embed"]
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -37,7 +37,8 @@ def extract_state_dict(obj, source="checkpoint") -> dict:
     return sd
 
 
-def _read(path) -> object:
+def read_checkpoint(path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist or is not a file")
     try:
@@ -56,7 +57,7 @@ def load_checkpoint(model: torch.nn.Module, path, strict: bool = True) -> dict:
     at 384 px, for instance) is interpolated bicubically to the model's grid. A file that is not a
     checkpoint, or does not fit the model, raises ValueError listing the keys and shapes that differ.
     """
-    sd = extract_state_dict(_read(path), source=repr(str(path)))
+    sd = extract_state_dict(read_checkpoint(path), source=repr(str(path)))
     own = model.state_dict()
     old, new = sd.get("pos_embed"), own.get("pos_embed")
     if old is not None and new is not None and old.dim() == 3 and old.shape[-1] == new.shape[-1] \
