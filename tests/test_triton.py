@@ -9,7 +9,9 @@ import torch
 
 import convit_kernels as ck
 from convit_kernels.backends import resolve_backend
-from convit_kernels.testing import assert_close, make_gpsa_inputs, max_error, reference_errors
+from convit_kernels.testing import (
+    assert_close, assert_within_reference_rule, make_gpsa_inputs, reference_errors,
+)
 
 pytest.importorskip("triton")  # only a missing Triton skips; a broken module of ours must fail
 from convit_kernels import triton_ops  # noqa: E402
@@ -67,22 +69,8 @@ def test_forward_and_all_gradients_match_reference(case):
     for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (out64, *grads64))):
         if name == "grad_pos_bias":
             continue
-        if dtype == torch.float32:
-            # fp32 errs from two sources: rounding of long sums (~1e-6 of the largest entry) and the
-            # conditioning of the positional logits (|w . r| reaches 10^2, so exp arguments carry
-            # ~|z| * 2^-24 absolute error), which dominates grad_pos_weight (sum of dZ * r with
-            # r up to rows^2 + cols^2, heavy cancellation). The reference run in fp32 suffers the
-            # same conditioning, so a multiple of its error (x10 output, x20 gradients: exp2, other
-            # summation orders; the worst of 100 draws reached 0.62 of it) plus 2e-5 of the largest
-            # entry bounds the kernel, while any wrong term errs by O(1) of that entry.
-            allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
-            assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
-        else:
-            # The 2x / 3x rule of DESIGN.md section 4: at most 2x (output) / 3x (gradients) the
-            # error of the reference computed in the same low precision, plus a hair of fp32 noise.
-            allowed = (2.0 if i == 0 else 3.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1]) + 1e-6
-            err = max_error(got, want)
-            assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} ({dtype})"
+        ref_err = ref_err_out if i == 0 else ref_err_grads[i - 1]
+        assert_within_reference_rule(name, got, want, ref_err, dtype, gradient=i > 0)
 
 
 def test_auto_path_is_tiled_beyond_256_keys(monkeypatch):
@@ -99,9 +87,8 @@ def test_auto_path_is_tiled_beyond_256_keys(monkeypatch):
     out, grads = _run_triton(inputs, grad_out)
     ref, ref_grads, ref_err_out, ref_err_grads = reference_errors(inputs, torch.float32, grad_out)
     for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (ref, *ref_grads))):
-        # The fp32 rule of the test above.
-        allowed = (10.0 if i == 0 else 20.0) * (ref_err_out if i == 0 else ref_err_grads[i - 1])
-        assert_close(got, want, atol=allowed + 2e-5 * max(1.0, want.abs().max().item()), name=name)
+        ref_err = ref_err_out if i == 0 else ref_err_grads[i - 1]
+        assert_within_reference_rule(name, got, want, ref_err, torch.float32, gradient=i > 0)
 
 
 def test_strided_views_of_fused_projection_give_identical_results():
