@@ -27,7 +27,7 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   using A = at::opmath_type<T>;
   constexpr bool kStage = !std::is_same_v<T, A>;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  const PosRows<A> pos = make_pos_rows<A>(pos_weight, rows, cols);
+  const PosRows<A> pos = make_pos_rows<A>(pos_weight, rows, cols, /*with_means=*/true);
   const at::Tensor gate_t = at::sigmoid(gating).contiguous();
   const A* gate = gate_t.const_data_ptr<A>();
   const int64_t bq = block_rows(N, 256);  // blocks are sequential within a task: as large as caches allow

@@ -55,7 +55,7 @@ void bwd_row(double* s, double lse, const double* ppos, const double* rbar, doub
 template <typename T>
 struct PosRows {
   at::Tensor table;      // (H, N, N) or undefined
-  at::Tensor mean_t;     // (H, N, 3): pos_row_mean of every row, with the table
+  at::Tensor mean_t;     // (H, N, 3): pos_row_mean of every row, with the table if with_means
   at::Tensor colj_t, rowj_t, w_t;
   const T* w = nullptr;  // (H, 3), contiguous
   const T* colj = nullptr;
@@ -76,8 +76,9 @@ struct PosRows {
   }
 };
 
+// with_means: also tabulate pos_row_mean of every row (the backward's centring; the forward has no use for it).
 template <typename T>
-PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols);
+PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols, bool with_means);
 
 // Validates the arguments shared by gpsa_fwd and gpsa_bwd (names the argument on failure) and
 // returns q, k, v usable by the kernels (last dim contiguous, row stride >= D).

@@ -4,6 +4,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -140,32 +141,50 @@ CONVIT_INLINE void pos_row_mean_t(const T* ppos, const T* colj, const T* rowj, T
   rbar[2] = T(mr);
 }
 
+// Row sums of the backward are taken in float over chunks of kSumChunk elements (each SIMD lane adds
+// a few terms) and in double across chunks: as accurate as double sums for these lengths, with a
+// fraction of the float-to-double conversions, which cost as much as the arithmetic they sum.
+constexpr int64_t kSumChunk = 128;
+
 template <typename T>
 CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, const T* colj, const T* rowj, T coli,
                              T rowi, int64_t n, T gate, double* acc) {
   // dL/dpos_weight_i = sum_j dZ_ij r_ij sums terms of both signs weighted by squared distances. As
   // sum_j dZ_ij = 0, r_ij may be centred on its P_pos-mean rbar_i first: same value, far less
-  // cancellation. Row sums are taken in double.
+  // cancellation.
   double dc = 0, dp = 0;
-#pragma omp simd reduction(+ : dc, dp)
-  for (int64_t j = 0; j < n; ++j) {
-    const T p = exp_approx(s[j] - lse);
-    s[j] = p;
-    dc += double(p * dm[j]);
-    dp += double(ppos[j] * dm[j]);
+  for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
+    const int64_t j1 = std::min(n, j0 + kSumChunk);
+    T c = 0, q = 0;
+#pragma omp simd reduction(+ : c, q)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T p = exp_approx(s[j] - lse);
+      s[j] = p;
+      c += p * dm[j];
+      q += ppos[j] * dm[j];
+    }
+    dc += double(c);
+    dp += double(q);
   }
   const T omg = T(1) - gate, dct = T(dc), dpt = T(dp), cx = rbar[0], cy = rbar[1], cr = rbar[2];
   double ax = 0, ay = 0, ar = 0;
-#pragma omp simd reduction(+ : ax, ay, ar)
-  for (int64_t j = 0; j < n; ++j) {
-    const T d = dm[j], pc = s[j], pp = ppos[j];
-    s[j] = omg * pc * (d - dct);
-    const T dz = gate * pp * (d - dpt);
-    const T dx = colj[j] - coli, dy = rowj[j] - rowi;
-    ax += double(dz * (dx - cx));
-    ay += double(dz * (dy - cy));
-    ar += double(dz * (dx * dx + dy * dy - cr));
-    dm[j] = omg * pc + gate * pp;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
+    const int64_t j1 = std::min(n, j0 + kSumChunk);
+    T x = 0, y = 0, r = 0;
+#pragma omp simd reduction(+ : x, y, r)
+    for (int64_t j = j0; j < j1; ++j) {
+      const T d = dm[j], pc = s[j], pp = ppos[j];
+      s[j] = omg * pc * (d - dct);
+      const T dz = gate * pp * (d - dpt);
+      const T dx = colj[j] - coli, dy = rowj[j] - rowi;
+      x += dz * (dx - cx);
+      y += dz * (dy - cy);
+      r += dz * (dx * dx + dy * dy - cr);
+      dm[j] = omg * pc + gate * pp;
+    }
+    ax += double(x);
+    ay += double(y);
+    ar += double(r);
   }
   acc[0] += ax;
   acc[1] += ay;
@@ -219,7 +238,7 @@ void bwd_row(double* s, double lse, const double* ppos, const double* rbar, doub
 constexpr int64_t kMaxPosTable = int64_t(1) << 24;
 
 template <typename T>
-PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols) {
+PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols, bool with_means) {
   PosRows<T> pr;
   const int64_t N = rows * cols, H = pos_weight.size(0);
   auto opts = pos_weight.options();
@@ -238,22 +257,22 @@ PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t col
   pr.rowj = rj;
   if (H * N * N <= kMaxPosTable) {
     pr.table = at::empty({H, N, N}, opts);
-    pr.mean_t = at::empty({H, N, 3}, opts);
+    if (with_means) pr.mean_t = at::empty({H, N, 3}, opts);
     T* tab = pr.table.template data_ptr<T>();
-    T* mean = pr.mean_t.template data_ptr<T>();
+    T* mean = with_means ? pr.mean_t.template data_ptr<T>() : nullptr;
     const T* w = pr.w;
     at::parallel_for(0, H * N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t h = t / N, i = t % N;
         pos_softmax_row(w + 3 * h, cj, rj, cj[i], rj[i], N, tab + t * N);
-        pos_row_mean(tab + t * N, cj, rj, cj[i], rj[i], N, mean + t * 3);
+        if (mean != nullptr) pos_row_mean(tab + t * N, cj, rj, cj[i], rj[i], N, mean + t * 3);
       }
     });
   }
   return pr;
 }
-template PosRows<float> make_pos_rows<float>(const at::Tensor&, int64_t, int64_t);
-template PosRows<double> make_pos_rows<double>(const at::Tensor&, int64_t, int64_t);
+template PosRows<float> make_pos_rows<float>(const at::Tensor&, int64_t, int64_t, bool);
+template PosRows<double> make_pos_rows<double>(const at::Tensor&, int64_t, int64_t, bool);
 
 void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols) {

@@ -22,7 +22,7 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   using A = at::opmath_type<T>;
   constexpr bool kStage = !std::is_same_v<T, A>;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  const PosRows<A> pos = make_pos_rows<A>(pos_weight, rows, cols);
+  const PosRows<A> pos = make_pos_rows<A>(pos_weight, rows, cols, /*with_means=*/false);
   const at::Tensor gate_t = at::sigmoid(gating).contiguous();
   const A* gate = gate_t.const_data_ptr<A>();
   // Whole rows of 256 queries make the GEMMs efficient; with few (b, h) pairs, smaller blocks give the
