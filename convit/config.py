@@ -133,7 +133,7 @@ class TrainConfig:
 
 # The embedded default run: scikit-learn digits (8x8 grey, 10 classes) on a 2-core CPU in < 3 min.
 DIGITS_PRESET = dict(
-    model="convit_digits", input_size=8, local_up_to_layer=4, drop_path=0.0, batch_size=32, epochs=40,
+    model="convit_digits", input_size=8, local_up_to_layer=4, drop_path=0.0, batch_size=32, epochs=80,
     lr=3e-3, unscale_lr=True, weight_decay=0.05, warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5,
     sched_on_updates=True, aa="none", color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
     repeated_aug=False, digits_shift=0,
