@@ -111,16 +111,17 @@ FP32_CASES = [case[1:] for case in LOW_CASES if case[0] == torch.float32]
 @needs_cpu
 @pytest.mark.parametrize("B,H,N,D,grid,layout", FP32_CASES)
 def test_float32_as_accurate_as_the_reference(B, H, N, D, grid, layout):
-    """In float32 the kernel errs (against float64) at most 3x what the reference in float32 errs.
+    """In float32 the kernel errs (against float64) on average at most 3x what the reference in float32 errs.
 
-    The error of one tensor is its max abs error over the largest entry of the float64 result, pooled
-    over 10 fresh draws: one draw of a 2-element gradient is too noisy to compare (see the test
-    above), ten are not. Over 540 groups of 10 draws the worst kernel error was 0.75 of this bound
-    (3x the reference's plus 2e-6, ~30 fp32 ulps, for a near-exact reference); a wrong term or an
-    exp or sum that loses float precision errs by orders of magnitude more.
+    A tensor's error on one draw is its max abs error over the largest entry of the float64 result;
+    the test compares means over 20 fresh draws. One draw, or the worst of a few, is too noisy for
+    the 2- to 12-element parameter gradients: both errors are heavy-tailed there (a single draw's
+    ratio reached 66x). 3,600 recorded draws regrouped 1,800 ways into groups of 20: the worst
+    group reached 0.59 of this bound (the kernel's mean error is the reference's, within noise);
+    an exp or a sum that loses float precision errs by orders of magnitude more.
     """
-    worst_kernel, worst_reference = {}, {}
-    for _ in range(10):
+    kernel_errs, reference_errs = {}, {}
+    for _ in range(20):
         q, k, v, w, b, g, grid_ = _inputs(B, H, N, D, grid, torch.float32, layout)
         go = torch.randn(B, H, N, D)
         out64, grads64, err_out, err_grads = reference_errors((q, k, v, w, b, g, grid_), torch.float32, go)
@@ -129,12 +130,13 @@ def test_float32_as_accurate_as_the_reference(B, H, N, D, grid, layout):
             if name == "grad_pos_bias":
                 continue
             scale = max(e.abs().max().item(), 1e-30)
-            worst_kernel[name] = max(worst_kernel.get(name, 0.0), max_error(a, e) / scale)
-            worst_reference[name] = max(worst_reference.get(name, 0.0), ref_err / scale)
-    for name, err in worst_kernel.items():
-        bound = 3 * worst_reference[name] + 2e-6
-        assert err <= bound, (f"{name}: kernel relative error {err:.3e} > {bound:.3e} (3x the reference's "
-                              f"{worst_reference[name]:.3e} + 2e-6) over 10 draws at {(B, H, N, D, grid, layout)}")
+            kernel_errs.setdefault(name, []).append(max_error(a, e) / scale)
+            reference_errs.setdefault(name, []).append(ref_err / scale)
+    for name, errs in kernel_errs.items():
+        kernel_mean, reference_mean = sum(errs) / len(errs), sum(reference_errs[name]) / len(errs)
+        assert kernel_mean <= 3 * reference_mean, (
+            f"{name}: mean kernel relative error {kernel_mean:.3e} > 3x the reference's {reference_mean:.3e} "
+            f"over 20 draws at {(B, H, N, D, grid, layout)}")
 
 
 @needs_cpu
