@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    INTERPRET, LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _pos_weights_log2, _rel_offsets, _rel_offsets_t,
+    LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _pos_weights_log2, _rel_offsets, _rel_offsets_t,
     _scores,
     _store_rows,
     choose_path, head_dim_split, pos_stats_launch, row_width,
@@ -48,6 +48,43 @@ _DKV_CONFIGS = _configs(
     [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64)],
     _cfg(16, 4, 1, BLOCK_N=16),
 )
+
+
+@triton.jit
+def _key_tile(q0, q1, g0, g1, k_base, v_base, offs_m, offs_n, stride_kn, stride_vn, offs_d0, offs_d1, N, cols,
+              qk_scale, lse_c, lse_p, w0, w1, w2,
+              HEAD_DIM: tl.constexpr, D1: tl.constexpr, IEEE: tl.constexpr):
+    """The queries ``offs_m`` against the keys ``offs_n``: K's head-dim chunks k0, k1, both softmaxes
+    recomputed from their log-sum-exps (0 past N), dM = g V^T and the offsets dx, dy."""
+    valid = offs_n[None, :] < N
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+    v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
+    k1 = k0
+    v1 = v0
+    if D1 > 0:
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+        v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
+    s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+    p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
+    dx, dy = _rel_offsets(offs_m, offs_n, cols)
+    p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
+    dm = _scores(g0, g1, v0, v1, D1, IEEE)
+    return k0, k1, p_c, p_pos, dm, dx, dy
+
+
+@triton.jit
+def _dq_tile(k0, k1, p_c, p_pos, dm, dx, dy, delta_c, delta_p, gate, dq0, dq1, acc_w0, acc_w1, acc_w2,
+             D1: tl.constexpr, IEEE: tl.constexpr):
+    """Adds one key tile's share to dQ (before the scale) and to the per-row dw sums."""
+    ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k0.dtype)
+    dz = gate * p_pos * (dm - delta_p[:, None])
+    dq0 = _mm(ds, k0, dq0, IEEE)
+    if D1 > 0:
+        dq1 = _mm(ds, k1, dq1, IEEE)
+    acc_w0 += tl.sum(dz * dx, 1)
+    acc_w1 += tl.sum(dz * dy, 1)
+    acc_w2 += tl.sum(dz * (dx * dx + dy * dy), 1)
+    return dq0, dq1, acc_w0, acc_w1, acc_w2
 
 
 @triton.jit
@@ -82,7 +119,6 @@ def _gpsa_bwd_dq_kernel(
     w0, w1, w2 = _pos_weights_log2(W, h)
     qk_scale = scale * LOG2E
     gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
-    k_ty = K.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -106,72 +142,30 @@ def _gpsa_bwd_dq_kernel(
     acc_w2 = tl.zeros([BLOCK_M], tl.float32)
     if WHOLE_ROW:  # ROW_N = next_pow2(N) >= N: one tile holds the whole row
         offs_n = tl.arange(0, ROW_N)
-        valid = offs_n[None, :] < N
-        k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
-        v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
-        k1 = k0
-        v1 = v0
-        if D1 > 0:
-            k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-            v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-        s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
-        p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
-        dx, dy = _rel_offsets(offs_m, offs_n, cols)
-        p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
-        dm = _scores(g0, g1, v0, v1, D1, IEEE)
+        k0, k1, p_c, p_pos, dm, dx, dy = _key_tile(
+            q0, q1, g0, g1, k_base, v_base, offs_m, offs_n, stride_kn, stride_vn, offs_d0, offs_d1, N, cols,
+            qk_scale, lse_c, lse_p, w0, w1, w2, HEAD_DIM, D1, IEEE)
         delta_c = tl.sum(p_c * dm, 1)
         delta_p = tl.sum(p_pos * dm, 1)
-        ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k_ty)
-        dz = gate * p_pos * (dm - delta_p[:, None])
-        dq0 = _mm(ds, k0, dq0, IEEE)
-        if D1 > 0:
-            dq1 = _mm(ds, k1, dq1, IEEE)
-        acc_w0 = tl.sum(dz * dx, 1)
-        acc_w1 = tl.sum(dz * dy, 1)
-        acc_w2 = tl.sum(dz * (dx * dx + dy * dy), 1)
+        dq0, dq1, acc_w0, acc_w1, acc_w2 = _dq_tile(
+            k0, k1, p_c, p_pos, dm, dx, dy, delta_c, delta_p, gate, dq0, dq1, acc_w0, acc_w1, acc_w2, D1, IEEE)
     else:
         delta_c = tl.zeros([BLOCK_M], tl.float32)
         delta_p = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = offs_n[None, :] < N
-            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
-            v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
-            k1 = k0
-            v1 = v0
-            if D1 > 0:
-                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-                v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
-            p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
-            dx, dy = _rel_offsets(offs_m, offs_n, cols)
-            p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
-            dm = _scores(g0, g1, v0, v1, D1, IEEE)
+            k0, k1, p_c, p_pos, dm, dx, dy = _key_tile(
+                q0, q1, g0, g1, k_base, v_base, offs_m, offs_n, stride_kn, stride_vn, offs_d0, offs_d1, N, cols,
+                qk_scale, lse_c, lse_p, w0, w1, w2, HEAD_DIM, D1, IEEE)
             delta_c += tl.sum(p_c * dm, 1)
             delta_p += tl.sum(p_pos * dm, 1)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = offs_n[None, :] < N
-            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
-            v0 = _load_rows(v_base, offs_n, stride_vn, offs_d0, N, HEAD_DIM)
-            k1 = k0
-            v1 = v0
-            if D1 > 0:
-                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-                v1 = _load_rows(v_base, offs_n, stride_vn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
-            p_c = tl.where(valid, tl.exp2(s - lse_c[:, None]), 0.0)
-            dx, dy = _rel_offsets(offs_m, offs_n, cols)
-            p_pos = tl.where(valid, tl.exp2(_pos_arg(dx, dy, w0, w1, w2, lse_p[:, None])), 0.0)
-            dm = _scores(g0, g1, v0, v1, D1, IEEE)
-            ds = ((1.0 - gate) * p_c * (dm - delta_c[:, None])).to(k_ty)
-            dz = gate * p_pos * (dm - delta_p[:, None])
-            dq0 = _mm(ds, k0, dq0, IEEE)
-            if D1 > 0:
-                dq1 = _mm(ds, k1, dq1, IEEE)
-            acc_w0 += tl.sum(dz * dx, 1)
-            acc_w1 += tl.sum(dz * dy, 1)
-            acc_w2 += tl.sum(dz * (dx * dx + dy * dy), 1)
+            k0, k1, p_c, p_pos, dm, dx, dy = _key_tile(
+                q0, q1, g0, g1, k_base, v_base, offs_m, offs_n, stride_kn, stride_vn, offs_d0, offs_d1, N, cols,
+                qk_scale, lse_c, lse_p, w0, w1, w2, HEAD_DIM, D1, IEEE)
+            dq0, dq1, acc_w0, acc_w1, acc_w2 = _dq_tile(
+                k0, k1, p_c, p_pos, dm, dx, dy, delta_c, delta_p, gate, dq0, dq1, acc_w0, acc_w1, acc_w2, D1, IEEE)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     _store_rows(dq_base, (dq0 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, N, HEAD_DIM)
