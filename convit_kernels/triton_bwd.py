@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    LOG2E, _cfg, _configs, _load_rows, _mm, _pos_arg, _pos_weights_log2, _rel_offsets, _rel_offsets_t,
+    LOG2E, _cfg, _configs, _head_params, _load_rows, _mm, _pos_arg, _program_tile, _rel_offsets, _rel_offsets_t,
     _scores,
     _store_rows,
     choose_path, head_dim_split, pos_stats_launch, row_width,
@@ -106,19 +106,12 @@ def _gpsa_bwd_dq_kernel(
     float32 for the dK/dV kernel, and slot [bh, pid_m] of PART (B*H, n_part, 4) float32:
     (dw0, dw1, dw2, sum_i delta_p,i - delta_c,i) over this program's queries.
     """
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_tile(tl.cdiv(N, BLOCK_M), H)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0, w1, w2 = _pos_weights_log2(W, h)
-    qk_scale = scale * LOG2E
-    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+    w0, w1, w2, qk_scale, gate = _head_params(W, G, h, scale)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
@@ -197,19 +190,12 @@ def _gpsa_bwd_dkv_kernel(
     Grid: (cdiv(N, BLOCK_N) * B * H,), the key blocks of one (batch, head) adjacent. Works on
     transposed tiles [key, query] so that both products (dV += M^T g, dK += dS^T Q) are plain matmuls.
     """
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n
-    bh = pid // num_n
-    b = bh // H
-    h = bh % H
+    pid_n, bh, b, h = _program_tile(tl.cdiv(N, BLOCK_N), H)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     g_base = DO + b * stride_gb + h * stride_gh
-    w0, w1, w2 = _pos_weights_log2(W, h)
-    qk_scale = scale * LOG2E
-    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+    w0, w1, w2, qk_scale, gate = _head_params(W, G, h, scale)
     q_ty = Q.dtype.element_ty
     g_ty = DO.dtype.element_ty
 

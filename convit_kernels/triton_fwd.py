@@ -128,6 +128,21 @@ def _pos_weights_log2(W, h):
 
 
 @triton.jit
+def _program_tile(num_blocks, H):
+    """This program's (block, bh, b, h): the grids list the blocks of one (batch, head) together."""
+    pid = tl.program_id(0)
+    bh = pid // num_blocks
+    return pid % num_blocks, bh, bh // H, bh % H
+
+
+@triton.jit
+def _head_params(W, G, h, scale):
+    """Head h's positional weights and content-logit scale, both in log2 units, and its gate sigmoid(g_h)."""
+    w0, w1, w2 = _pos_weights_log2(W, h)
+    return w0, w1, w2, scale * LOG2E, tl.sigmoid(tl.load(G + h).to(tl.float32))
+
+
+@triton.jit
 def _pos_arg(dx, dy, w0, w1, w2, lse2):
     """log2 of the positional probability: (w . r) log2(e) minus the row's log2-sum-exp2.
 
@@ -240,19 +255,12 @@ def _gpsa_fwd_kernel(
     Writes OUT rows (in q's dtype, at OUT's strides) and LSE[b, h, i], the log-sum-exp of the
     scaled content logits (float32), which the backward uses to rebuild the content softmax.
     """
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
+    pid_m, bh, b, h = _program_tile(tl.cdiv(N, BLOCK_M), H)
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     o_base = OUT + b * stride_ob + h * stride_oh
-    w0, w1, w2 = _pos_weights_log2(W, h)
-    qk_scale = scale * LOG2E
-    gate = tl.sigmoid(tl.load(G + h).to(tl.float32))
+    w0, w1, w2, qk_scale, gate = _head_params(W, G, h, scale)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, D0)
