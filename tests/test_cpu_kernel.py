@@ -53,6 +53,7 @@ SHAPES = [
     (1, 1, 15, 48, (1, 15), "bnhd"),
     (2, 2, 196, 64, (14, 14), "qkv"),
     (1, 3, 1, 8, (1, 1), "bhnd"),
+    (1, 2, 300, 20, (15, 20), "bnhd"),  # several query blocks in the backward; D not a multiple of 16
 ]
 _rng = random.Random()
 SHAPES += [_random_shape(_rng) + (layout,) for layout in ("bhnd", "bnhd", "qkv")]
@@ -78,7 +79,8 @@ def test_float64_matches_reference(B, H, N, D, grid, layout):
 
 
 LOW_CASES = [(torch.float32, 2, 4, 196, 48, (14, 14), "qkv"), (torch.float32, 3, 3, 45, 32, (5, 9), "bhnd"),
-             (torch.float32, 1, 2, 77, 16, (7, 11), "bnhd"), (torch.bfloat16, 2, 4, 196, 48, (14, 14), "qkv"),
+             (torch.float32, 1, 2, 77, 16, (7, 11), "bnhd"), (torch.float32, 2, 3, 39, 20, (3, 13), "qkv"),
+             (torch.bfloat16, 2, 4, 196, 48, (14, 14), "qkv"),
              (torch.bfloat16, 1, 3, 35, 16, (5, 7), "bhnd"), (torch.float16, 2, 2, 63, 32, (7, 9), "bnhd")]
 
 

@@ -1,12 +1,13 @@
 // gpsa_bwd_cpu: the fused GPSA backward on CPU (implements convit_kernels::gpsa_bwd).
 //
 // One task = (b, h). It walks its query blocks in order; for each block it recomputes the scaled
-// logits (one GEMM) and P_c = exp(S - lse), forms dM = g V^T (one GEMM), and per row turns them into
-// dS_c and the mixed attention M (bwd_row). Then dQ_blk = scale dS_c K is written, and
-// dK += scale dS_c^T Q_blk, dV += M^T g_blk accumulate in the task's own rows of the outputs. Each
-// (b, h) is owned by one task and its blocks are summed in a fixed order; dL/dpos_weight and
-// dL/dgating come from per-(b, h) partial sums reduced over b in a fixed order afterwards. So the
-// result is bitwise the same for every thread count and every repeat (no atomics).
+// logits (one product) and P_c = exp(S - lse), forms dM = g V^T (one product), and per row turns them
+// into dS_c and the mixed attention M (bwd_row). Then dQ_blk = scale dS_c K is written, and
+// dK^T += scale Q_blk^T dS_c, dV^T += g_blk^T M accumulate in the task's buffers, stored transposed
+// into dK and dV after its last block. Each (b, h) is owned by one task and its blocks are summed in
+// a fixed order; dL/dpos_weight and dL/dgating come from per-(b, h) partial sums reduced over b in a
+// fixed order afterwards. So the result is bitwise the same for every thread count and every repeat
+// (no atomics).
 #include "gpsa_cpu.h"
 
 #include <ATen/OpMathType.h>
@@ -22,8 +23,7 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
                      const at::Tensor& pos_weight, const at::Tensor& gating, const at::Tensor& lse, int64_t rows,
                      int64_t cols, double scale, at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, at::Tensor& gw,
                      at::Tensor& gg) {
-  // A: the accumulation type; half / bfloat16 blocks are staged as float (see gpsa_fwd_cpu.cpp), and
-  // their dK, dV accumulate in float until the task's last block.
+  // A: the accumulation type; half / bfloat16 blocks are staged as float (see gpsa_fwd_cpu.cpp).
   using A = at::opmath_type<T>;
   constexpr bool kStage = !std::is_same_v<T, A>;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
@@ -42,68 +42,66 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   std::vector<double> partial(B * H * 4, 0.0);  // per (b, h): dL/dw (3), sum_i (delta_p - delta_c)
   const A alpha = A(scale);
   const int64_t ld = H * D;
-  const int64_t staged = kStage ? 4 * N * D + 3 * bq * D : 0;
+  const int64_t staged = kStage ? N * D + 3 * bq * D : 0;
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    c10::DataPtr buf = c10::GetCPUAllocator()->allocate(sizeof(A) * (2 * bq * N + N + staged));  // 64-byte aligned
-    A* S = static_cast<A*>(buf.get());
+    // S and dM (bq x N each), a positional row, scale K^T, V^T, dK^T and dV^T (D x N each), Q_blk^T
+    // and g_blk^T (D x bq each), staging (half / bfloat16 only).
+    A* S = thread_scratch_of<A>(2 * bq * N + N + 4 * D * N + 2 * D * bq + staged);
     A* dM = S + bq * N;
     A* scratch = dM + bq * N;
-    A* k_st = scratch + N;  // staging (half / bfloat16 only)
-    A* v_st = k_st + N * D;
-    A* dk_st = v_st + N * D;
-    A* dv_st = dk_st + N * D;
-    A* q_st = dv_st + N * D;
+    A* kT = scratch + N;
+    A* vT = kT + D * N;
+    A* dkT = vT + D * N;
+    A* dvT = dkT + D * N;
+    A* qT = dvT + D * N;
+    A* gT = qT + D * bq;
+    A* k_st = gT + D * bq;
+    A* q_st = k_st + N * D;
     A* g_st = q_st + bq * D;
     A* dq_st = g_st + bq * D;
     A rbar_st[3];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / H, h = t % H;
-      const auto ka = as_acc(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), N, D, k_st);
-      const auto va = as_acc(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), N, D, v_st);
-      T* dkb = gkp + (b * N * H + h) * D;
-      T* dvb = gvp + (b * N * H + h) * D;
-      A* dka;
-      A* dva;
-      int64_t ldkv;
-      if constexpr (kStage) {
-        dka = dk_st, dva = dv_st, ldkv = D;
-      } else {
-        dka = dkb, dva = dvb, ldkv = ld;
-      }
+      const T* kb = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + h * v.stride(1);
+      transpose_copy(kb, N, D, k.stride(2), kT, N, alpha);  // as in the forward: bitwise the same logits
+      transpose_copy(vb, N, D, v.stride(2), vT, N, A(1));
+      const auto ka = as_acc(kb, k.stride(2), N, D, k_st);
       double* acc = partial.data() + t * 4;
       for (int64_t i0 = 0; i0 < N; i0 += bq) {
         const int64_t m = std::min(bq, N - i0);
-        const auto qa = as_acc(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), m, D, q_st);
-        const auto ga = as_acc(gp + b * g.stride(0) + h * g.stride(1) + i0 * g.stride(2), g.stride(2), m, D, g_st);
-        // S = scale Q_blk K^T and dM = g_blk V^T (row-major m x N; column-major: K Q^T, V g^T).
-        gemm(true, false, N, m, D, alpha, ka.first, ka.second, qa.first, qa.second, A(0), S, N);
-        gemm(true, false, N, m, D, A(1), va.first, va.second, ga.first, ga.second, A(0), dM, N);
+        const T* qb = qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2);
+        const T* gb = gp + b * g.stride(0) + h * g.stride(1) + i0 * g.stride(2);
+        const auto qa = as_acc(qb, q.stride(2), m, D, q_st);
+        const auto ga = as_acc(gb, g.stride(2), m, D, g_st);
+        matmul(m, N, D, qa.first, qa.second, kT, N, S, N, false);  // S = Q_blk (scale K^T)
+        matmul(m, N, D, ga.first, ga.second, vT, N, dM, N, false);  // dM = g_blk V^T
         const A* lrow = lp + (b * H + h) * N + i0;
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           const A* pp = pos.get(h, i, scratch);
           const A* rbar = pos.mean(h, i, pp, rbar_st);
           bwd_row(S + r * N, lrow[r], pp, rbar, dM + r * N, pos.colj, pos.rowj, pos.colj[i], pos.rowj[i], N,
-                  gate[h], acc);
+                  gate[h], alpha, acc);
         }
-        // S now holds dS_c, dM holds M.
+        // S now holds scale dS_c, dM holds M.
         T* dqb = gqp + ((b * N + i0) * H + h) * D;
-        const A beta = i0 == 0 ? A(0) : A(1);
         if constexpr (kStage) {
-          gemm(false, false, D, m, N, alpha, ka.first, ka.second, S, N, A(0), dq_st, D);  // dQ^T = K^T dS^T
+          matmul(m, D, N, S, N, ka.first, ka.second, dq_st, D, false);  // dQ_blk = (scale dS_c) K
           store_rows(dq_st, m, D, dqb, ld);
         } else {
-          gemm(false, false, D, m, N, alpha, ka.first, ka.second, S, N, A(0), dqb, ld);  // dQ^T = K^T dS^T
+          matmul(m, D, N, S, N, ka.first, ka.second, dqb, ld, false);  // dQ_blk = (scale dS_c) K
         }
-        gemm(false, true, D, N, m, alpha, qa.first, qa.second, S, N, beta, dka, ldkv);   // dK^T += Q^T dS
-        gemm(false, true, D, N, m, A(1), ga.first, ga.second, dM, N, beta, dva, ldkv);   // dV^T += g^T M
+        transpose_copy(qb, m, D, q.stride(2), qT, m, A(1));
+        transpose_copy(gb, m, D, g.stride(2), gT, m, A(1));
+        matmul(D, N, m, qT, m, S, N, dkT, N, i0 > 0);   // dK^T += Q_blk^T (scale dS_c)
+        matmul(D, N, m, gT, m, dM, N, dvT, N, i0 > 0);  // dV^T += g_blk^T M
       }
-      if constexpr (kStage) {
-        store_rows(dka, N, D, dkb, ld);
-        store_rows(dva, N, D, dvb, ld);
-      }
+      transpose_copy(dkT, D, N, N, gkp + (b * N * H + h) * D, ld, A(1));
+      transpose_copy(dvT, D, N, N, gvp + (b * N * H + h) * D, ld, A(1));
     }
+    matmul_release();
   });
 
   // Fixed-order reduction over the batch.

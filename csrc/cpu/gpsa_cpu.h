@@ -1,28 +1,37 @@
 // Shared pieces of the fused GPSA CPU kernels (forward: gpsa_fwd_cpu.cpp, backward: gpsa_bwd_cpu.cpp).
 //
 // Layout of the work: one task owns (batch b, head h, a block of query rows) and keeps whole key
-// rows of scores in a local buffer (N up to a few thousand fits). The two matrix products of a
-// block (Q_blk K^T and P V) go to the BLAS that libtorch ships (MKL on x86 wheels), called
-// single-threaded inside at::parallel_for; the row-wise softmax / mixing / backward algebra runs in
+// rows of scores in a local buffer (N up to a few thousand fits). The matrix products of a block
+// (Q_blk K^T, P V, ...) are row-major products without transposes (`matmul`), called
+// single-threaded inside at::parallel_for: float ones go to the oneDNN brgemm micro-kernel that
+// libtorch exposes (at::native::cpublas::brgemm; AVX-512 where the CPU has it, which libtorch's MKL
+// does not use on AMD CPUs: about 2x the GFLOP/s there), double ones to libtorch's BLAS. Operands
+// that a product needs transposed (K^T, V^T, Q_blk^T, ...) are copied once per (b, h) or block:
+// O(N D) against the products' O(N^2 D). The row-wise softmax / mixing / backward algebra runs in
 // loops that the compiler vectorises, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
 // load time (target_clones), with a polynomial exp instead of the scalar libm call.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
 
 namespace convit_kernels::cpu {
 
-// Column-major C = alpha op(A) op(B) + beta C (BLAS semantics; ta/tb: use the transpose of A/B).
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+// Row-major C (m x n, row stride ldc) = A (m x k, row stride lda) B (k x n, row stride ldb), or
+// C += A B when accumulate. Single-threaded; deterministic for given shapes and strides.
+void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+            int64_t ldc, bool accumulate);
+void matmul(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, double* c,
+            int64_t ldc, bool accumulate);
+// Called by a thread after its last matmul of a parallel region (frees micro-kernel state).
+void matmul_release();
 
 // One row of the positional softmax: out[j] = softmax_j(w0 dx + w1 dy + w2 (dx^2 + dy^2)),
 // dx = colj[j] - coli, dy = rowj[j] - rowi (key minus query).
@@ -42,13 +51,14 @@ void pos_row_mean(const float* ppos, const float* colj, const float* rowj, float
 void pos_row_mean(const double* ppos, const double* colj, const double* rowj, double coli, double rowi, int64_t n,
                   double* rbar);
 
-// Backward row. In: s = scaled content logits, dm = dL/dM = g_i V^T. Out: s = dS_c (the gradient of
-// the content logits before the scale), dm = the mixed attention M (for dV). Adds to acc[0..2] the
-// row's share of dL/dpos_weight and to acc[3] rowsum(P_pos dM) - rowsum(P_c dM). rbar: pos_row_mean.
+// Backward row. In: s = scaled content logits, dm = dL/dM = g_i V^T. Out: s = scale * dS_c (dS_c: the
+// gradient of the scaled logits; times scale it is the gradient of the raw q k^T), dm = the mixed
+// attention M (for dV). Adds to acc[0..2] the row's share of dL/dpos_weight and to acc[3]
+// rowsum(P_pos dM) - rowsum(P_c dM). rbar: pos_row_mean.
 void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
-             const float* rowj, float coli, float rowi, int64_t n, float gate, double* acc);
+             const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc);
 void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
-             const double* rowj, double coli, double rowi, int64_t n, double gate, double* acc);
+             const double* rowj, double coli, double rowi, int64_t n, double gate, double scale, double* acc);
 
 // The positional probabilities of a call. They do not depend on the batch: computed once per call
 // as an (H, N, N) table when it is small enough, otherwise one row at a time on demand.
@@ -104,6 +114,27 @@ template <typename T, typename A>
 inline void store_rows(const A* src, int64_t rows, int64_t D, T* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t d = 0; d < D; ++d) dst[r * ld + d] = T(src[r * D + d]);
+}
+
+// dst (cols x rows, row stride ldd) = alpha * src^T, src (rows x cols, row stride lds), converted to
+// Dst. The float -> float overload (gpsa_cpu_common.cpp) moves 16 x 16 tiles through AVX-512
+// registers where the CPU has them; this template is the plain loop for the other types.
+template <typename Src, typename Dst>
+inline void transpose_copy(const Src* src, int64_t rows, int64_t cols, int64_t lds, Dst* dst, int64_t ldd,
+                           at::opmath_type<Src> alpha) {
+  using M = at::opmath_type<Src>;
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * ldd + r] = Dst(M(src[r * lds + c]) * alpha);
+}
+void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd, float alpha);
+
+// The calling thread's scratch memory: at least `count` elements of T, 64-byte aligned, valid until the
+// thread calls it again. Kept between calls and grown when needed, because a fresh buffer costs one
+// page fault per 4 KiB on first touch, which at ConViT shapes took as long as a fifth of the op.
+void* thread_scratch(size_t bytes);
+template <typename T>
+inline T* thread_scratch_of(int64_t count) {
+  return static_cast<T*>(thread_scratch(sizeof(T) * size_t(count)));
 }
 
 // Query rows per task: about `target`, spread evenly over ceil(N / target) blocks.

@@ -2,12 +2,17 @@
 // convit_kernels ops. See gpsa_cpu.h for the layout of the work.
 #include "gpsa_cpu.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // libtorch exports the Fortran BLAS it links (MKL on x86-64 wheels). Weak, so that a libtorch
 // without them still loads this extension: the kernels then use the plain loops below.
@@ -30,35 +35,35 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace convit_kernels::cpu {
 namespace {
 
+// Plain loops for a libtorch without a BLAS (row-major, as matmul).
 template <typename T>
-void gemm_loops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-                int64_t ldb, T beta, T* c, int64_t ldc) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      T acc = 0;
-      for (int64_t l = 0; l < k; ++l) {
-        const T av = ta ? a[l + i * lda] : a[i + l * lda];
-        const T bv = tb ? b[j + l * ldb] : b[l + j * ldb];
-        acc += av * bv;
-      }
-      T& out = c[i + j * ldc];
-      out = alpha * acc + (beta == T(0) ? T(0) : beta * out);
+void matmul_loops(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                  int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (!accumulate) std::fill(ci, ci + n, T(0));
+    for (int64_t l = 0; l < k; ++l) {
+      const T ail = a[i * lda + l];
+      const T* bl = b + l * ldb;
+      for (int64_t j = 0; j < n; ++j) ci[j] += ail * bl[j];
     }
   }
 }
 
+// Row-major C = A B through a column-major BLAS: C^T = B^T A^T, where a row-major matrix is its
+// transpose in column-major terms, so neither operand needs a transpose flag.
 template <typename T, typename F>
-void gemm_impl(F* blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
+void matmul_blas(F* blas, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                 int64_t ldc, bool accumulate) {
   const int64_t lim = std::numeric_limits<int>::max();
   if (blas != nullptr && m < lim && n < lim && k < lim && lda < lim && ldb < lim && ldc < lim) {
-    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const char no = 'N';
     const int im = int(m), in = int(n), ik = int(k), ila = int(lda), ilb = int(ldb), ilc = int(ldc);
-    blas(&ca, &cb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+    const T one = 1, beta = accumulate ? T(1) : T(0);
+    blas(&no, &no, &in, &im, &ik, &one, b, &ilb, a, &ila, &beta, c, &ilc);
     return;
   }
-  gemm_loops<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  matmul_loops<T>(m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 
 // exp for float, written so that it vectorises: Cephes' range reduction and degree-6 polynomial
@@ -148,7 +153,7 @@ constexpr int64_t kSumChunk = 128;
 
 template <typename T>
 CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, const T* colj, const T* rowj, T coli,
-                             T rowi, int64_t n, T gate, double* acc) {
+                             T rowi, int64_t n, T gate, T scale, double* acc) {
   // dL/dpos_weight_i = sum_j dZ_ij r_ij sums terms of both signs weighted by squared distances. As
   // sum_j dZ_ij = 0, r_ij may be centred on its P_pos-mean rbar_i first: same value, far less
   // cancellation.
@@ -166,7 +171,8 @@ CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, c
     dc += double(c);
     dp += double(q);
   }
-  const T omg = T(1) - gate, dct = T(dc), dpt = T(dp), cx = rbar[0], cy = rbar[1], cr = rbar[2];
+  const T omg = T(1) - gate, omg_s = omg * scale, dct = T(dc), dpt = T(dp);
+  const T cx = rbar[0], cy = rbar[1], cr = rbar[2];
   double ax = 0, ay = 0, ar = 0;
   for (int64_t j0 = 0; j0 < n; j0 += kSumChunk) {
     const int64_t j1 = std::min(n, j0 + kSumChunk);
@@ -174,7 +180,7 @@ CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, c
 #pragma omp simd reduction(+ : x, y, r)
     for (int64_t j = j0; j < j1; ++j) {
       const T d = dm[j], pc = s[j], pp = ppos[j];
-      s[j] = omg * pc * (d - dct);
+      s[j] = omg_s * pc * (d - dct);
       const T dz = gate * pp * (d - dpt);
       const T dx = colj[j] - coli, dy = rowj[j] - rowi;
       x += dz * (dx - cx);
@@ -194,13 +200,100 @@ CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, c
 
 }  // namespace
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CONVIT_X86_TRANSPOSE 1
+namespace {
+// One tile of transpose_copy: dst (cols x rows) = alpha src^T for rows, cols <= 16. Rows beyond `rows`
+// read as zeros (masked loads), columns beyond `cols` are not stored. The 16 x 16 transpose takes four
+// shuffle rounds: 32-bit pairs of row pairs, then 64-bit pairs (columns 4L + c of 4 rows in lane L),
+// then 128-bit lanes twice, which leaves column 4L + c of all 16 rows in register 4L + c.
+__attribute__((target("avx512f"))) void transpose_tile16(const float* src, int64_t rows, int64_t cols,
+                                                         int64_t lds, float* dst, int64_t ldd, float alpha) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c] lane L: column 4L + c of rows g..g+3
+    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
+    const __m512d c2 = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
+    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c2));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c2));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+  for (int c = 0; c < 4; ++c) {
+    const __m512 va = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), vb = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+    const __m512 wa = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 wb = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(va, wa, 0x88), _mm512_shuffle_f32x4(vb, wb, 0x88),
+                           _mm512_shuffle_f32x4(va, wa, 0xDD), _mm512_shuffle_f32x4(vb, wb, 0xDD)};
+    for (int L = 0; L < 4; ++L) {
+      const int j = 4 * L + c;
+      if (j < cols) _mm512_mask_storeu_ps(dst + j * ldd, row_mask, _mm512_mul_ps(out[L], scale));
+    }
+  }
 }
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_impl<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}  // namespace
+#endif
+
+void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
+                    float alpha) {
+#ifdef CONVIT_X86_TRANSPOSE
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+      for (int64_t c0 = 0; c0 < cols; c0 += 16)
+        transpose_tile16(src + r0 * lds + c0, std::min<int64_t>(16, rows - r0), std::min<int64_t>(16, cols - c0),
+                         lds, dst + c0 * ldd + r0, ldd, alpha);
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c] * alpha;
+}
+
+void* thread_scratch(size_t bytes) {
+  thread_local c10::DataPtr buffer;
+  thread_local size_t capacity = 0;
+  if (bytes > capacity || buffer.get() == nullptr) {
+    buffer = c10::GetCPUAllocator()->allocate(std::max<size_t>(bytes, 64));  // 64-byte aligned
+    capacity = bytes;
+  }
+  return buffer.get();
+}
+
+void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+            int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  if (k > 0) {
+    // oneDNN's micro-kernel where libtorch has it for this CPU, else libtorch's own BLAS call.
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+    return;
+  }
+#endif
+  if (k == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  matmul_blas<float>(sgemm_, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+void matmul(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, double* c,
+            int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  matmul_blas<double>(dgemm_, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+}
+void matmul_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
 }
 
 CONVIT_CLONES void pos_softmax_row(const float* w, const float* colj, const float* rowj, float coli, float rowi,
@@ -226,12 +319,13 @@ void pos_row_mean(const double* ppos, const double* colj, const double* rowj, do
   pos_row_mean_t<double>(ppos, colj, rowj, coli, rowi, n, rbar);
 }
 CONVIT_CLONES void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
-                           const float* rowj, float coli, float rowi, int64_t n, float gate, double* acc) {
-  bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, acc);
+                           const float* rowj, float coli, float rowi, int64_t n, float gate, float scale,
+                           double* acc) {
+  bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
 }
 void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
-             const double* rowj, double coli, double rowi, int64_t n, double gate, double* acc) {
-  bwd_row_t<double>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, acc);
+             const double* rowj, double coli, double rowi, int64_t n, double gate, double scale, double* acc) {
+  bwd_row_t<double>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
 }
 
 // Above this many (H * N * N) entries the positional rows are recomputed on demand instead.
@@ -308,7 +402,7 @@ void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 }
 
 at::Tensor rows_usable(const at::Tensor& t) {
-  // BLAS needs unit stride along D and a row stride of at least D.
+  // The products need unit stride along D and a row stride of at least D.
   if (t.stride(3) == 1 && t.stride(2) >= t.size(3)) return t;
   return t.contiguous();
 }

@@ -1,8 +1,9 @@
 // gpsa_fwd_cpu: the fused GPSA forward on CPU (implements convit_kernels::gpsa_fwd).
 //
 // One task = (b, h, block of query rows). It computes the block's scaled logits against all N keys
-// (one GEMM), turns each row into the mixed attention (1 - s) softmax + s P_pos in place, writes the
-// row's log-sum-exp, and multiplies the block into V (one GEMM) straight into the (B, N, H, D) output.
+// (one product with scale K^T, copied once per (b, h)), turns each row into the mixed attention
+// (1 - s) softmax + s P_pos in place, writes the row's log-sum-exp, and multiplies the block into V
+// (one product) straight into the (B, N, H, D) output.
 // Nothing of size N x N outlives the task; P_pos is shared by the whole batch (gpsa_cpu.h).
 #include "gpsa_cpu.h"
 
@@ -35,43 +36,44 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   T* op = out.data_ptr<T>();  // (B, N, H, D) contiguous
   A* lp = lse.data_ptr<A>();  // (B, H, N) contiguous
   const A alpha = A(scale);
-  const int64_t staged = kStage ? 2 * N * D + 2 * bq * D : 0;
+  const int64_t staged = kStage ? N * D + 2 * bq * D : 0;
 
   at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
-    c10::DataPtr buf = c10::GetCPUAllocator()->allocate(sizeof(A) * (bq * N + N + staged));  // 64-byte aligned
-    A* S = static_cast<A*>(buf.get());
+    // S (bq x N), a positional row, scale K^T (D x N), staging (half / bfloat16 only).
+    A* S = thread_scratch_of<A>(bq * N + N + D * N + staged);
     A* scratch = S + bq * N;
-    A* k_st = scratch + N;  // staging (half / bfloat16 only)
-    A* v_st = k_st + N * D;
+    A* kT = scratch + N;
+    A* v_st = kT + D * N;
     A* q_st = v_st + N * D;
     A* o_st = q_st + bq * D;
     int64_t staged_bh = -1;
-    std::pair<const A*, int64_t> ka, va;
+    std::pair<const A*, int64_t> va;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (H * nblk), h = (t / nblk) % H, i0 = (t % nblk) * bq;
       const int64_t m = std::min(bq, N - i0);
       if (b * H + h != staged_bh) {
-        ka = as_acc(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), N, D, k_st);
+        // The scale is folded into K^T, here and in the backward's recompute (bitwise the same logits).
+        transpose_copy(kp + b * k.stride(0) + h * k.stride(1), N, D, k.stride(2), kT, N, alpha);
         va = as_acc(vp + b * v.stride(0) + h * v.stride(1), v.stride(2), N, D, v_st);
         staged_bh = b * H + h;
       }
       const auto qa = as_acc(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), m, D, q_st);
-      // S (m x N, row-major) = scale * Q_blk K^T, i.e. column-major S^T = K Q_blk^T.
-      gemm(true, false, N, m, D, alpha, ka.first, ka.second, qa.first, qa.second, A(0), S, N);
+      matmul(m, N, D, qa.first, qa.second, kT, N, S, N, false);  // S (m x N) = Q_blk (scale K^T)
       A* lrow = lp + (b * H + h) * N + i0;
       for (int64_t r = 0; r < m; ++r) {
         const A* pp = pos.get(h, i0 + r, scratch);
         lrow[r] = softmax_mix_row(S + r * N, pp, N, gate[h]);
       }
-      // out_blk (m x D, row stride H * D) = M V, i.e. column-major out^T = V^T M^T.
+      // out_blk (m x D, row stride H * D) = M V.
       T* ob = op + ((b * N + i0) * H + h) * D;
       if constexpr (kStage) {
-        gemm(false, false, D, m, N, A(1), va.first, va.second, S, N, A(0), o_st, D);
+        matmul(m, D, N, S, N, va.first, va.second, o_st, D, false);
         store_rows(o_st, m, D, ob, H * D);
       } else {
-        gemm(false, false, D, m, N, A(1), va.first, va.second, S, N, A(0), ob, H * D);
+        matmul(m, D, N, S, N, va.first, va.second, ob, H * D, false);
       }
     }
+    matmul_release();
   });
 }
 
