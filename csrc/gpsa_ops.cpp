@@ -13,12 +13,18 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
 // `import convit_kernels._C` only needs a module object; loading the library runs the registrations.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+}
+
+namespace convit_kernels::cpu {
+std::string cpu_isa();  // csrc/cpu/gpsa_cpu_common.cpp
 }
 
 namespace {
@@ -39,4 +45,6 @@ TORCH_LIBRARY(convit_kernels, m) {
         "Tensor grad_pos_weight, Tensor grad_gating)");
   // Whether this build compiled the CUDA kernels (CONVIT_WITH_CUDA).
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  // Which float row kernels the CPU ops run: "avx512" or "portable" (see csrc/cpu/gpsa_cpu.h).
+  m.def("cpu_isa() -> str", &convit_kernels::cpu::cpu_isa);
 }

@@ -1,4 +1,5 @@
 """The fused C++ CPU kernel (backend "cpu", ops convit_kernels::gpsa_fwd / gpsa_bwd) against the reference."""
+import os
 import random
 import subprocess
 import sys
@@ -53,6 +54,7 @@ SHAPES = [
     (1, 1, 15, 48, (1, 15), "bnhd"),
     (2, 2, 196, 64, (14, 14), "qkv"),
     (1, 3, 1, 8, (1, 1), "bhnd"),
+    (3, 4, 1, 48, (1, 1), "bnhd"),  # N = 1: grad_q is 0 only if the backward recomputes the logits bitwise
     (1, 2, 300, 20, (15, 20), "bnhd"),  # several query blocks in the backward; D not a multiple of 16
 ]
 _rng = random.Random()
@@ -270,6 +272,43 @@ def test_cuda_backend_says_why_it_is_unavailable(monkeypatch):
         assert "CONVIT_KERNELS_ENABLE_CUDA=1" in status
         if not torch.cuda.is_available():
             assert "torch.cuda.is_available() is False" in status
+
+
+def _cpu_has_avx512():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
+
+
+@needs_cpu
+def test_cpu_isa_follows_the_cpu_and_the_override():
+    isa = torch.ops.convit_kernels.cpu_isa()
+    if os.environ.get("CONVIT_KERNELS_CPU_PORTABLE") == "1" or not _cpu_has_avx512():
+        assert isa == "portable"
+    else:
+        assert isa == "avx512"
+
+
+@needs_cpu
+def test_portable_row_kernels_pass_the_accuracy_tests():
+    """The portable loops (what CPUs without AVX-512 run) pass this file's accuracy and determinism tests.
+
+    The row kernels are chosen once per process, so the tests rerun in a subprocess with
+    CONVIT_KERNELS_CPU_PORTABLE=1; this test runs them only where the main process uses AVX-512.
+    """
+    if torch.ops.convit_kernels.cpu_isa() == "portable":
+        pytest.skip("this process already runs the portable row kernels: the tests above covered them")
+    env = dict(os.environ, CONVIT_KERNELS_CPU_PORTABLE="1")
+    code = "import torch, convit_kernels; print(torch.ops.convit_kernels.cpu_isa())"
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == "portable", probe.stderr
+    selected = "float64_matches or low_precision or float32_as_accurate or deterministic or convit_tiny_cpu"
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", selected],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
 
 
 def test_status_names_the_missing_extension():

@@ -42,26 +42,16 @@ void gpsa_bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor&
   std::vector<double> partial(B * H * 4, 0.0);  // per (b, h): dL/dw (3), sum_i (delta_p - delta_c)
   const A alpha = A(scale);
   const int64_t ld = H * D;
-  const int64_t staged = kStage ? N * D + 3 * bq * D : 0;
+  const int64_t st = kStage ? 1 : 0;  // staging (half / bfloat16 only)
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    // S and dM (bq x N each), a positional row, scale K^T, V^T, dK^T and dV^T (D x N each), Q_blk^T
-    // and g_blk^T (D x bq each), staging (half / bfloat16 only).
-    A* S = thread_scratch_of<A>(2 * bq * N + N + 4 * D * N + 2 * D * bq + staged);
-    A* dM = S + bq * N;
-    A* scratch = dM + bq * N;
-    A* kT = scratch + N;
-    A* vT = kT + D * N;
-    A* dkT = vT + D * N;
-    A* dvT = dkT + D * N;
-    A* qT = dvT + D * N;
-    A* gT = qT + D * bq;
-    A* k_st = gT + D * bq;
-    A* q_st = k_st + N * D;
-    A* g_st = q_st + bq * D;
-    A* dq_st = g_st + bq * D;
+  parallel_tasks(B * H, [&](const auto& claim) {
+    // S (bq x N) and scale K^T (D x N) first, placed as in the forward; dM (bq x N); V^T, dK^T, dV^T
+    // (D x N each); Q_blk^T and g_blk^T (D x bq each); a positional row; staged K, Q_blk, g_blk, dQ_blk.
+    const auto [S, kT, dM, vT, dkT, dvT, qT, gT, scratch, k_st, q_st, g_st, dq_st] = thread_scratch_arrays<A, 13>(
+        {bq * N, D * N, bq * N, D * N, D * N, D * N, D * bq, D * bq, N, st * N * D, st * bq * D, st * bq * D,
+         st * bq * D});
     A rbar_st[3];
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = claim(); t >= 0; t = claim()) {
       const int64_t b = t / H, h = t % H;
       const T* kb = kp + b * k.stride(0) + h * k.stride(1);
       const T* vb = vp + b * v.stride(0) + h * v.stride(1);

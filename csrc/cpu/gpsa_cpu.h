@@ -18,7 +18,10 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -59,6 +62,31 @@ void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* d
              const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc);
 void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
              const double* rowj, double coli, double rowi, int64_t n, double gate, double scale, double* acc);
+
+// Row sums of the backward are taken in float over chunks of kSumChunk elements (each SIMD lane adds
+// a few terms) and in double across chunks: as accurate as double sums for these lengths, with a
+// fraction of the float-to-double conversions, which cost as much as the arithmetic they sum.
+constexpr int64_t kSumChunk = 128;
+
+// The float row kernels and transpose tiles have AVX-512 versions (gpsa_rows_avx512.cpp) on x86-64
+// with GCC or Clang. cpu_isa() says which ones run: "avx512" where the CPU has AVX-512 F and DQ, else
+// (or with CONVIT_KERNELS_CPU_PORTABLE=1 in the environment, read once) "portable": the loops of
+// gpsa_cpu_common.cpp, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CONVIT_HAVE_AVX512_ROWS 1
+#else
+#define CONVIT_HAVE_AVX512_ROWS 0
+#endif
+std::string cpu_isa();
+#if CONVIT_HAVE_AVX512_ROWS
+namespace avx512 {
+float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate);
+void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
+             const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc);
+void transpose_tile16(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
+                      float alpha);
+}  // namespace avx512
+#endif
 
 // The positional probabilities of a call. They do not depend on the batch: computed once per call
 // as an (H, N, N) table when it is small enough, otherwise one row at a time on demand.
@@ -118,7 +146,7 @@ inline void store_rows(const A* src, int64_t rows, int64_t D, T* dst, int64_t ld
 
 // dst (cols x rows, row stride ldd) = alpha * src^T, src (rows x cols, row stride lds), converted to
 // Dst. The float -> float overload (gpsa_cpu_common.cpp) moves 16 x 16 tiles through AVX-512
-// registers where the CPU has them; this template is the plain loop for the other types.
+// registers when cpu_isa() is "avx512"; this template is the plain loop for the other types.
 template <typename Src, typename Dst>
 inline void transpose_copy(const Src* src, int64_t rows, int64_t cols, int64_t lds, Dst* dst, int64_t ldd,
                            at::opmath_type<Src> alpha) {
@@ -128,13 +156,42 @@ inline void transpose_copy(const Src* src, int64_t rows, int64_t cols, int64_t l
 }
 void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd, float alpha);
 
-// The calling thread's scratch memory: at least `count` elements of T, 64-byte aligned, valid until the
-// thread calls it again. Kept between calls and grown when needed, because a fresh buffer costs one
-// page fault per 4 KiB on first touch, which at ConViT shapes took as long as a fifth of the op.
+// The calling thread's scratch memory: at least `bytes`, 64-byte aligned, valid until the thread calls
+// it again. Kept between calls and grown when needed, because a fresh buffer costs one page fault per
+// 4 KiB on first touch, which at ConViT shapes took as long as a fifth of the op.
 void* thread_scratch(size_t bytes);
-template <typename T>
-inline T* thread_scratch_of(int64_t count) {
-  return static_cast<T*>(thread_scratch(sizeof(T) * size_t(count)));
+
+// K arrays of counts[i] elements of T in the thread's scratch memory, each 64-byte aligned. The
+// forward and the backward place S and K^T at the same alignment, so that the BLAS (whose kernels
+// may depend on alignment) recomputes the forward's logits bitwise.
+template <typename T, size_t K>
+std::array<T*, K> thread_scratch_arrays(const std::array<int64_t, K>& counts) {
+  const auto padded = [](int64_t count) { return (sizeof(T) * size_t(count) + 63) / 64 * 64; };
+  size_t total = 0;
+  for (const int64_t c : counts) total += padded(c);
+  char* base = static_cast<char*>(thread_scratch(total));
+  std::array<T*, K> arrays;
+  for (size_t i = 0; i < K; ++i) {
+    arrays[i] = reinterpret_cast<T*>(base);
+    base += padded(counts[i]);
+  }
+  return arrays;
+}
+
+// Runs body(claim) once on each of at::parallel_for's threads; claim() hands out the tasks 0 .. count-1,
+// the next unclaimed one per call, then -1. A thread that finishes early takes more tasks instead of
+// waiting at the end of a static split (on a shared 2-core machine one thread is often slowed by the
+// other jobs). Tasks are independent and fixed by the shape, so which thread runs a task does not
+// change its result: still bitwise the same for every thread count.
+template <typename Body>
+void parallel_tasks(int64_t count, const Body& body) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    return t < count ? t : -1;
+  };
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) { body(claim); });
 }
 
 // Query rows per task: about `target`, spread evenly over ceil(N / target) blocks.

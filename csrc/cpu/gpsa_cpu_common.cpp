@@ -7,12 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 // libtorch exports the Fortran BLAS it links (MKL on x86-64 wheels). Weak, so that a libtorch
 // without them still loads this extension: the kernels then use the plain loops below.
@@ -146,11 +143,6 @@ CONVIT_INLINE void pos_row_mean_t(const T* ppos, const T* colj, const T* rowj, T
   rbar[2] = T(mr);
 }
 
-// Row sums of the backward are taken in float over chunks of kSumChunk elements (each SIMD lane adds
-// a few terms) and in double across chunks: as accurate as double sums for these lengths, with a
-// fraction of the float-to-double conversions, which cost as much as the arithmetic they sum.
-constexpr int64_t kSumChunk = 128;
-
 template <typename T>
 CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, const T* colj, const T* rowj, T coli,
                              T rowi, int64_t n, T gate, T scale, double* acc) {
@@ -200,57 +192,33 @@ CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, c
 
 }  // namespace
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define CONVIT_X86_TRANSPOSE 1
+std::string cpu_isa() {
+  static const std::string isa = [] {
+#if CONVIT_HAVE_AVX512_ROWS
+    const char* portable = std::getenv("CONVIT_KERNELS_CPU_PORTABLE");
+    const bool forced = portable != nullptr && std::string(portable) == "1";
+    if (!forced && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return "avx512";
+#endif
+    return "portable";
+  }();
+  return isa;
+}
+
 namespace {
-// One tile of transpose_copy: dst (cols x rows) = alpha src^T for rows, cols <= 16. Rows beyond `rows`
-// read as zeros (masked loads), columns beyond `cols` are not stored. The 16 x 16 transpose takes four
-// shuffle rounds: 32-bit pairs of row pairs, then 64-bit pairs (columns 4L + c of 4 rows in lane L),
-// then 128-bit lanes twice, which leaves column 4L + c of all 16 rows in register 4L + c.
-__attribute__((target("avx512f"))) void transpose_tile16(const float* src, int64_t rows, int64_t cols,
-                                                         int64_t lds, float* dst, int64_t ldd, float alpha) {
-  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
-  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1u);
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // u[g + c] lane L: column 4L + c of rows g..g+3
-    const __m512d a = _mm512_castps_pd(t[g]), b = _mm512_castps_pd(t[g + 1]);
-    const __m512d c2 = _mm512_castps_pd(t[g + 2]), d = _mm512_castps_pd(t[g + 3]);
-    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c2));
-    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c2));
-    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  const __m512 scale = _mm512_set1_ps(alpha);
-  for (int c = 0; c < 4; ++c) {
-    const __m512 va = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), vb = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
-    const __m512 wa = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 wb = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-    const __m512 out[4] = {_mm512_shuffle_f32x4(va, wa, 0x88), _mm512_shuffle_f32x4(vb, wb, 0x88),
-                           _mm512_shuffle_f32x4(va, wa, 0xDD), _mm512_shuffle_f32x4(vb, wb, 0xDD)};
-    for (int L = 0; L < 4; ++L) {
-      const int j = 4 * L + c;
-      if (j < cols) _mm512_mask_storeu_ps(dst + j * ldd, row_mask, _mm512_mul_ps(out[L], scale));
-    }
-  }
+bool use_avx512() {
+  static const bool on = cpu_isa() == "avx512";
+  return on;
 }
 }  // namespace
-#endif
 
 void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
                     float alpha) {
-#ifdef CONVIT_X86_TRANSPOSE
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) {
+#if CONVIT_HAVE_AVX512_ROWS
+  if (use_avx512()) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16)
       for (int64_t c0 = 0; c0 < cols; c0 += 16)
-        transpose_tile16(src + r0 * lds + c0, std::min<int64_t>(16, rows - r0), std::min<int64_t>(16, cols - c0),
-                         lds, dst + c0 * ldd + r0, ldd, alpha);
+        avx512::transpose_tile16(src + r0 * lds + c0, std::min<int64_t>(16, rows - r0),
+                                 std::min<int64_t>(16, cols - c0), lds, dst + c0 * ldd + r0, ldd, alpha);
     return;
   }
 #endif
@@ -304,8 +272,16 @@ void pos_softmax_row(const double* w, const double* colj, const double* rowj, do
                      double* out) {
   pos_softmax_row_t<double>(w, colj, rowj, coli, rowi, n, out);
 }
-CONVIT_CLONES float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
+namespace {
+CONVIT_CLONES float portable_softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
   return softmax_mix_row_t<float>(s, ppos, n, gate);
+}
+}  // namespace
+float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
+#if CONVIT_HAVE_AVX512_ROWS
+  if (use_avx512()) return avx512::softmax_mix_row(s, ppos, n, gate);
+#endif
+  return portable_softmax_mix_row(s, ppos, n, gate);
 }
 double softmax_mix_row(double* s, const double* ppos, int64_t n, double gate) {
   return softmax_mix_row_t<double>(s, ppos, n, gate);
@@ -318,10 +294,19 @@ void pos_row_mean(const double* ppos, const double* colj, const double* rowj, do
                   double* rbar) {
   pos_row_mean_t<double>(ppos, colj, rowj, coli, rowi, n, rbar);
 }
-CONVIT_CLONES void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
-                           const float* rowj, float coli, float rowi, int64_t n, float gate, float scale,
-                           double* acc) {
+namespace {
+CONVIT_CLONES void portable_bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm,
+                                    const float* colj, const float* rowj, float coli, float rowi, int64_t n,
+                                    float gate, float scale, double* acc) {
   bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
+}
+}  // namespace
+void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
+             const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc) {
+#if CONVIT_HAVE_AVX512_ROWS
+  if (use_avx512()) return avx512::bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
+#endif
+  portable_bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
 }
 void bwd_row(double* s, double lse, const double* ppos, const double* rbar, double* dm, const double* colj,
              const double* rowj, double coli, double rowi, int64_t n, double gate, double scale, double* acc) {

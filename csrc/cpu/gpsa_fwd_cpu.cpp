@@ -36,19 +36,15 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   T* op = out.data_ptr<T>();  // (B, N, H, D) contiguous
   A* lp = lse.data_ptr<A>();  // (B, H, N) contiguous
   const A alpha = A(scale);
-  const int64_t staged = kStage ? N * D + 2 * bq * D : 0;
+  const int64_t st = kStage ? 1 : 0;  // staging (half / bfloat16 only)
 
-  at::parallel_for(0, B * H * nblk, 1, [&](int64_t begin, int64_t end) {
-    // S (bq x N), a positional row, scale K^T (D x N), staging (half / bfloat16 only).
-    A* S = thread_scratch_of<A>(bq * N + N + D * N + staged);
-    A* scratch = S + bq * N;
-    A* kT = scratch + N;
-    A* v_st = kT + D * N;
-    A* q_st = v_st + N * D;
-    A* o_st = q_st + bq * D;
+  parallel_tasks(B * H * nblk, [&](const auto& claim) {
+    // S (bq x N), scale K^T (D x N), a positional row, staged V, Q_blk and out_blk.
+    const auto [S, kT, scratch, v_st, q_st, o_st] =
+        thread_scratch_arrays<A, 6>({bq * N, D * N, N, st * N * D, st * bq * D, st * bq * D});
     int64_t staged_bh = -1;
     std::pair<const A*, int64_t> va;
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = claim(); t >= 0; t = claim()) {
       const int64_t b = t / (H * nblk), h = (t / nblk) % H, i0 = (t % nblk) * bq;
       const int64_t m = std::min(bq, N - i0);
       if (b * H + h != staged_bh) {
