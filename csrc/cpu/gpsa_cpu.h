@@ -3,13 +3,14 @@
 // Layout of the work: one task owns (batch b, head h, a block of query rows) and keeps whole key
 // rows of scores in a local buffer (N up to a few thousand fits). The matrix products of a block
 // (Q_blk K^T, P V, ...) are row-major products without transposes (`matmul`), called
-// single-threaded inside at::parallel_for: float ones go to the oneDNN brgemm micro-kernel that
-// libtorch exposes (at::native::cpublas::brgemm; AVX-512 where the CPU has it, which libtorch's MKL
-// does not use on AMD CPUs: about 2x the GFLOP/s there), double ones to libtorch's BLAS. Operands
-// that a product needs transposed (K^T, V^T, Q_blk^T, ...) are copied once per (b, h) or block:
-// O(N D) against the products' O(N^2 D). The row-wise softmax / mixing / backward algebra runs in
-// loops that the compiler vectorises, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time (target_clones), with a polynomial exp instead of the scalar libm call.
+// single-threaded inside the parallel region: float ones go to the oneDNN brgemm micro-kernel that
+// libtorch exposes (at::native::cpublas::brgemm: AVX-512 where the CPU has it; on the AMD CPU we
+// measured, libtorch's MKL ran AVX2 code at about half its GFLOP/s), double ones to libtorch's BLAS.
+// Operands that a product needs transposed (K^T, V^T, Q_blk^T, ...) are copied once per (b, h) or
+// block: O(N D) against the products' O(N^2 D). The row-wise softmax / mixing / backward algebra
+// runs in AVX-512 intrinsics (gpsa_rows_avx512.cpp) or, without AVX-512, in loops that the compiler
+// vectorises for AVX2 or baseline x86-64 (target_clones), with a polynomial exp instead of the
+// scalar libm call.
 #pragma once
 
 #include <ATen/ATen.h>
