@@ -134,9 +134,11 @@ class GPSA(nn.Module):
 
     def _qkv(self, x):
         B, N, C = x.shape
-        qk = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind, not qk[0] / qk[1]: its backward stacks the two gradients once, where each index's
+        # backward would zero-fill a full (2, B, H, N, D) gradient and the two be added.
+        q, k = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
-        return qk[0], qk[1], v
+        return q, k, v
 
     def forward(self, x):
         B, N, C = x.shape
