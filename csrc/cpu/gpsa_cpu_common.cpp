@@ -222,8 +222,7 @@ void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, f
     return;
   }
 #endif
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c] * alpha;
+  transpose_copy<float, float>(src, rows, cols, lds, dst, ldd, alpha);  // the header's plain loop
 }
 
 void* thread_scratch(size_t bytes) {
@@ -240,17 +239,12 @@ void matmul(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const 
             int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (k > 0) {
+  if (k > 0) {  // (k = 0 takes the BLAS path, which zeroes C unless accumulating)
     // oneDNN's micro-kernel where libtorch has it for this CPU, else libtorch's own BLAS call.
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
     return;
   }
 #endif
-  if (k == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
-    return;
-  }
   matmul_blas<float>(sgemm_, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
 }
 void matmul(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, double* c,
