@@ -4,7 +4,7 @@
 // Output layouts mirror the CPU kernels (csrc/cpu/): out and the grads of q, k, v are (B, H, N, D)
 // views of contiguous (B, N, H, D) storage; lse (B, H, N) in the accumulation dtype.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q_in, const a
   p.out = out.data_ptr(); p.out_stride = strides_of(out);
   p.lse = lse.data_ptr();
   p.pos_lse = pos_lse.data_ptr();
-  check_launch("gpsa_fwd", gpsa_fwd_launch(p, at::cuda::getCurrentCUDAStream()));
+  check_launch("gpsa_fwd", gpsa_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }
 
@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
   p.pos_lse = pos_lse.data_ptr();
   p.delta_c = delta_c.data_ptr();
   p.partials = partials.data_ptr();
-  check_launch("gpsa_bwd", gpsa_bwd_launch(p, at::cuda::getCurrentCUDAStream()));
+  check_launch("gpsa_bwd", gpsa_bwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {gq, gk, gv, gw, gg};
 }
 
