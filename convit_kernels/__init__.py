@@ -2,7 +2,7 @@
 
     >>> import convit_kernels as ck
     >>> out = ck.gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size=(14, 14))
-    >>> ck.available_backends("cuda"), ck.backend_status("cpu")
+    >>> ck.available_backends("cuda"), ck.backend_status("cpu"), ck.backend_report("cuda")
 
 ``import convit_kernels`` never raises because an optional backend (the C++ extension, Triton)
 is missing or broken: that backend is left out of ``available_backends()`` and
@@ -13,13 +13,16 @@ from __future__ import annotations
 import importlib
 
 from .api import gpsa_attention, validate_gpsa_inputs
-from .backends import Backend, available_backends, backend_status, register_backend, _MISSING_REASONS
+from .backends import (Backend, available_backends, backend_report, backend_status, clear_backend_cache,
+                       register_backend, _MISSING_REASONS)
 from .reference import gpsa_composed, gpsa_reference, relative_indices
 
 __all__ = [
     "gpsa_attention",
     "available_backends",
     "backend_status",
+    "backend_report",
+    "clear_backend_cache",
     "gpsa_reference",
     "gpsa_composed",
     "relative_indices",
@@ -43,7 +46,7 @@ register_backend(
 )
 
 # Optional backends register themselves on import; a failure is recorded, never raised.
-for _names, _module in ((("cpu", "cuda"), "cpp_ops"), (("triton",), "triton_ops")):
+for _names, _module in ((("cpu", "cuda"), "cpp_ops"), (("triton",), "triton_ops"), (("sdpa",), "sdpa_ops")):
     try:
         importlib.import_module(f"{__name__}.{_module}")
     except Exception as _err:  # noqa: BLE001 - any failure here must leave the package importable
