@@ -79,13 +79,19 @@ def gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None,
         gating: (H,), the raw ``gating_param`` (not its sigmoid).
         grid_size: (rows, cols), ints with rows * cols == N; non-square grids are allowed.
         scale: the content logit scale; ``None`` means ``D ** -0.5``.
-        backend: "auto" (the fastest available backend for the tensors' device), "reference",
-            "cpu", "cuda" or "triton". See ``available_backends`` and ``backend_status``.
+        backend: "auto" (the fastest verified backend for the tensors' device: "cpu" on CPU,
+            "sdpa" on every other device unless a fused kernel is opted in), "reference", "cpu",
+            "cuda", "triton" or "sdpa". See ``available_backends``, ``backend_status`` and
+            ``backend_report``. The choice is made once per (backend, device type, dtype) and
+            cached: environment variables that the probes read (``CONVIT_KERNELS_ENABLE_CUDA``,
+            ``CONVIT_KERNELS_TRUST_TRITON``) count at that first resolution;
+            ``convit_kernels.clear_backend_cache()`` makes a later change take effect.
 
     Returns:
         (B, H, N, D) in q's dtype, differentiable in q, k, v, pos_weight, pos_bias and gating.
         Fused backends return it laid out as (B, N, H, D) in memory, so that
-        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free.
+        ``out.transpose(1, 2).reshape(B, N, H * D)`` is free; "sdpa" and "reference" return the
+        layout their PyTorch ops give.
 
     Raises:
         TypeError / ValueError naming the argument for malformed input or an unusable backend.

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import convit_kernels as ck
+from convit_kernels.backends import resolve_backend
 from convit_kernels.testing import make_gpsa_inputs
 
 
@@ -17,8 +18,9 @@ def test_available_backends_always_has_reference():
     for dev in ("cpu", "cuda", torch.device("cpu")):
         assert "reference" in ck.available_backends(dev)
     status = ck.backend_status("cpu")
-    assert set(status) >= {"reference", "cpu", "cuda", "triton"}
+    assert set(status) >= {"reference", "cpu", "cuda", "triton", "sdpa"}
     assert status["reference"] == "available"
+    assert status["sdpa"] == "available"  # SDPA runs wherever torch does
     assert status["cuda"] != "available"  # never on CPU tensors
     assert all(isinstance(v, str) and v for v in status.values())
 
@@ -88,3 +90,33 @@ def test_required_backends_are_available():
     status = ck.backend_status(device)
     missing = {name: status.get(name, "unknown backend") for name in required if status.get(name) != "available"}
     assert not missing, f"required backends unavailable on {device}: {missing}"
+
+
+@pytest.mark.parametrize("device,exc,match", [
+    ("tpu", ValueError, "device must be a torch.device or a str such as 'cpu'.*got 'tpu'"),
+    ("cuda:x", ValueError, "device must be .*got 'cuda:x'"),
+    (3, TypeError, "device must be a torch.device or a str .*got int"),
+])
+def test_bad_device_is_named(device, exc, match):
+    for fn in (ck.backend_status, ck.available_backends, ck.backend_report):
+        with pytest.raises(exc, match=match):
+            fn(device)
+
+
+def test_backend_report_says_why():
+    report = ck.backend_report("cpu")
+    assert set(report) == set(ck.backend_status("cpu"))
+    chosen = [name for name, why in report.items() if why.startswith("chosen by auto")]
+    assert len(chosen) == 1, report
+    assert chosen[0] == resolve_backend("auto", torch.device("cpu"), torch.float32).name
+    assert report["cuda"].startswith("unavailable: does not run on 'cpu' tensors"), report
+    for name, why in report.items():
+        assert why, name
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        ck.backend_report("cpu", "float32")
+
+
+def test_clear_backend_cache_is_public():
+    first = resolve_backend("reference", torch.device("cpu"), torch.float32)
+    ck.clear_backend_cache()
+    assert resolve_backend("reference", torch.device("cpu"), torch.float32) is first
