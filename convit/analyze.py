@@ -34,7 +34,12 @@ import torch
 
 from convit_kernels.reference import gpsa_attention_probs
 
-from . import plots
+try:
+    from . import plots
+except ModuleNotFoundError as _err:  # matplotlib is in the [analysis] extra, not in [train]
+    if not (_err.name or "").startswith("matplotlib"):
+        raise
+    plots = None
 from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
 from .locality import attention_centers, layer_locality_stats, nonlocality
 from .models import GPSA, MODEL_CONFIGS, ConViT, create_model
@@ -421,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> dict:
     """The command without the exit status: parse ``argv``, write the outputs, return the numbers."""
     args = build_parser().parse_args(argv)
+    if plots is None:
+        raise ValueError("matplotlib is not installed; it comes with the [analysis] extra: "
+                         'pip install -e ".[analysis]" in the clone (or pip install matplotlib)')
     overrides = {k: getattr(args, k) for k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim",
                                                "depth", "num_heads", "local_up_to_layer", "locality_strength")}
     model, source = build_model(args.checkpoint, args.model, overrides, args.gpsa_backend, args.seed)

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load_checkpoint", "read_checkpoint", "extract_state_dict", "resize_pos_embed"]
+__all__ = ["load_checkpoint", "read_checkpoint", "extract_state_dict", "resize_pos_embed", "describe_load_error"]
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
@@ -37,6 +37,25 @@ def extract_state_dict(obj, source="checkpoint") -> dict:
     return sd
 
 
+def describe_load_error(path, err: BaseException) -> str:
+    """Why ``torch.load(path)`` failed, in one line: the file's kind when it is not one torch writes
+    (a zip archive, or a pickle for the legacy format), else the error with its type."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    if not head:
+        return "the file is empty"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return (f"it is not a torch checkpoint: torch.save writes a zip archive (or a pickle, in the legacy "
+                f"format), this file starts with {head!r}")
+    text = " ".join(str(err).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
 def read_checkpoint(path) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that name the file."""
     if not os.path.isfile(path):
@@ -46,7 +65,8 @@ def read_checkpoint(path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load raises many types on a foreign file
-        raise ValueError(f"{str(path)!r} could not be read as a torch checkpoint (weights_only=True): {err}") from err
+        raise ValueError(f"{str(path)!r} could not be read as a torch checkpoint (weights_only=True): "
+                         f"{describe_load_error(path, err)}") from err
 
 
 def load_checkpoint(model: torch.nn.Module, path, strict: bool = True) -> dict:

@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .checkpoint import describe_load_error
+
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_training_checkpoint", "resume_path",
            "capture_rng_state", "restore_rng_state"]
 
@@ -67,16 +69,18 @@ def resume_path(path: str) -> str:
     return path
 
 
-def load_training_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``."""
+def load_training_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` with ``torch.load(weights_only=True)``
+    (``mmap=True`` maps the tensors instead of reading them: cheap when only the config is wanted)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     size = os.path.getsize(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle errors, foreign globals, ...
         raise CheckpointError(f"checkpoint {path!r} ({size} bytes) is truncated, corrupt or not a torch "
-                              f"checkpoint that loads with weights_only=True: {type(err).__name__}: {err}") from err
+                              f"checkpoint that loads with weights_only=True: {describe_load_error(path, err)}"
+                              ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path!r} is not a convit-train checkpoint (format {found!r}, expected "

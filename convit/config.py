@@ -21,6 +21,12 @@ __all__ = ["TrainConfig", "DIGITS_PRESET", "build_parser", "parse_config"]
 AMP_CHOICES = ("bf16", "fp16", "none")
 
 
+def gpsa_backend_choices() -> tuple:
+    """'auto' and every backend convit_kernels knows (read from it, so new backends appear here)."""
+    from convit_kernels.backends import KNOWN_BACKENDS
+    return ("auto",) + tuple(KNOWN_BACKENDS)
+
+
 @dataclass
 class TrainConfig:
     # What to train.
@@ -35,7 +41,7 @@ class TrainConfig:
     locality_strength: float = field(default=1.0, metadata={"help": "alpha of the local initialisation"})
     drop: float = field(default=0.0, metadata={"help": "dropout rate"})
     drop_path: float = field(default=0.1, metadata={"help": "stochastic depth rate"})
-    gpsa_backend: str = field(default="auto", metadata={"help": "GPSA kernel: auto, reference, cpu, cuda, triton"})
+    gpsa_backend: str = field(default="auto", metadata={"help": "GPSA kernel: auto or one of convit_kernels' backends"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "initial weights (an official checkpoint)"})
     model_ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the weights"})
     model_ema_decay: float = field(default=0.99996, metadata={"help": "EMA decay per step"})
@@ -76,7 +82,10 @@ class TrainConfig:
     synthetic: bool = field(default=False, metadata={"help": "random images, for throughput runs without data"})
     strict_data: bool = field(default=False, metadata={"help": "an unreadable image is an error, not skipped"})
     num_workers: Optional[int] = field(default=None, metadata={
-        "help": "DataLoader workers (default 10 for ImageFolder, 0 otherwise)"})
+        "help": "DataLoader workers (default min(10, CPU cores) for ImageFolder, 0 otherwise)"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads (default: OMP_NUM_THREADS if set; 1 for the digits model; else the "
+                "cores per process less the DataLoader workers, at least 1)"})
 
     # Running.
     device: Optional[str] = field(default=None, metadata={"help": "cuda or cpu (default cuda if present)"})
@@ -84,8 +93,14 @@ class TrainConfig:
         "help": "autocast dtype: bf16, fp16 or none (default bf16 on CUDA, none on CPU)"})
     compile: bool = field(default=False, metadata={"help": "wrap the model in torch.compile"})
     seed: int = field(default=0, metadata={"help": "random seed (each rank adds its rank)"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints and log.txt go"})
-    resume: Optional[str] = field(default=None, metadata={"help": "checkpoint (or output directory) to resume"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "where checkpoints and log.txt go (default: none; with --resume, the checkpoint's folder); a "
+                "folder that already holds a run is refused unless --resume continues it or --overwrite is given"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start a new run in an --output-dir that holds one: its checkpoint.pth and log.txt are moved "
+                "to <output_dir>/replaced-<UTC time>/"})
+    resume: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint (or output directory) to continue; flags not given are the checkpoint's"})
     eval: bool = field(default=False, metadata={"help": "only evaluate (with --resume or --pretrained)"})
     save_every: int = field(default=0, metadata={"help": "also save a checkpoint every N steps (0 = per epoch)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many steps in total"})
@@ -128,6 +143,21 @@ class TrainConfig:
             bad("save_every", f"must be >= 0; got {self.save_every}")
         if self.data_path and self.synthetic:
             bad("synthetic", "cannot be combined with --data-path")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0; got {self.lr}")
+        for name in ("warmup_epochs", "warmup_lr", "min_lr", "weight_decay", "digits_shift", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0; got {getattr(self, name)}")
+        for name in ("max_steps", "threads", "embed_dim", "input_size", "nb_classes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, f"must be >= 1; got {getattr(self, name)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            bad("num_workers", f"must be >= 0; got {self.num_workers}")
+        if self.local_up_to_layer < 0:
+            bad("local_up_to_layer", f"must be >= 0; got {self.local_up_to_layer}")
+        choices = gpsa_backend_choices()
+        if self.gpsa_backend not in choices:
+            bad("gpsa_backend", f"must be one of {choices}; got {self.gpsa_backend!r}")
         return self
 
 
@@ -154,14 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convit-train", argument_default=argparse.SUPPRESS,
         description="Train or evaluate ConViT (DeiT recipe). With no arguments: a small ConViT on "
-                    "scikit-learn's digits, on the CPU, in a few minutes.")
+                    "scikit-learn's digits, on the CPU, in a few minutes. Defaults are the ImageNet recipe "
+                    "(with --data-path or --synthetic); without --data-path the digits preset replaces them "
+                    "for the flags not given: both are shown as '(default X; digits Y)'.")
     for f in fields(TrainConfig):
         names = [f"--{f.name}"]
         if "_" in f.name:
             names.append(f"--{f.name.replace('_', '-')}")
         help_text = f.metadata.get("help", "")
+        shown = []
         if f.default is not None:
-            help_text += f" (default {f.default})"
+            shown.append(f"default {f.default}")
+        if f.name in DIGITS_PRESET and DIGITS_PRESET[f.name] != f.default:
+            shown.append(f"digits {DIGITS_PRESET[f.name]}")
+        if shown:
+            help_text += f" ({'; '.join(shown)})"
         if f.type in ("bool", bool):
             # --flag turns it on; --flag false / --no-flag turn it off.
             parser.add_argument(*names, dest=f.name, nargs="?", const=True, type=_parse_bool, help=help_text)
@@ -173,13 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {}
         if f.name == "amp":
             kwargs["choices"] = AMP_CHOICES
+        elif f.name == "gpsa_backend":
+            kwargs["choices"] = gpsa_backend_choices()
         parser.add_argument(*names, dest=f.name, type=kind, help=help_text, **kwargs)
     return parser
 
 
+# Fields that say how this invocation runs rather than what is trained: with --resume they are
+# never taken from the checkpoint's saved config (a first run's --max_steps 3 must not stop the
+# continuation, nor its --device pin the next machine).
+RUN_FIELDS = ("resume", "eval", "output_dir", "overwrite", "max_steps", "progress", "save_every", "device",
+              "amp", "compile", "num_workers", "threads", "gpsa_backend", "pretrained", "strict_data")
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Flags -> resolved TrainConfig (the digits preset fills the fields not given, on the digits)."""
+    """Flags -> resolved TrainConfig (the digits preset fills the fields not given, on the digits).
+
+    With ``--resume``, the fields not given are the checkpoint's saved config (``resolve_resumed``),
+    so ``convit-train --resume DIR`` continues the run as it was started; given flags override it
+    (``convit.train`` then refuses the changes it cannot honour).
+    """
     given = vars(build_parser().parse_args(argv))
+    if given.get("resume"):
+        from .checkpointing import load_training_checkpoint, resume_path
+        saved = load_training_checkpoint(resume_path(given["resume"]), mmap=True)["config"]
+        return resolve_resumed(given, saved)
     return resolve(given)
 
 
@@ -188,5 +243,14 @@ def resolve(given: dict) -> TrainConfig:
     base = {}
     if not given.get("data_path") and not given.get("synthetic"):
         base.update(DIGITS_PRESET)
+    base.update(given)
+    return TrainConfig.from_dict(base).validate()
+
+
+def resolve_resumed(given: dict, saved: dict) -> TrainConfig:
+    """TrainConfig of a resumed run: the checkpoint's ``saved`` config (less ``RUN_FIELDS``) under
+    the explicitly ``given`` fields. Fields a checkpoint of an older version lacks keep their default."""
+    names = {f.name for f in fields(TrainConfig)}
+    base = {k: v for k, v in dict(saved).items() if k in names and k not in RUN_FIELDS}
     base.update(given)
     return TrainConfig.from_dict(base).validate()

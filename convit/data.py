@@ -20,7 +20,7 @@ from . import transforms as T
 
 __all__ = ["IMG_EXTENSIONS", "DataBundle", "DigitsDataset", "ImageFolderDataset", "SyntheticDataset",
            "scan_image_folder", "subsample_per_class", "load_digits_split", "collate", "build_datasets",
-           "UnreadableImageError"]
+           "UnreadableImageError", "verify_images"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -117,6 +117,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return self.transform(img, random.Random(seed)), label, None
 
 
+def _verify_one(path: str) -> Optional[str]:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        return f"{path} ({type(err).__name__}: {' '.join(str(err).split())})"
+    return None
+
+
+def verify_images(paths: Sequence[str], threads: int = 1) -> List[str]:
+    """The entries of ``paths`` PIL cannot open and ``verify()``, each as 'path (reason)', in order.
+
+    ``verify`` reads the header and checks the structure (PNG chunk CRCs, for one) without decoding
+    the pixels, so it is much cheaper than a decode; a file whose pixel data is corrupt past the
+    structure it checks still fails later, when it is decoded.
+    """
+    if threads > 1 and len(paths) > 64:
+        from concurrent.futures import ThreadPoolExecutor  # file reads release the GIL
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(pool.map(_verify_one, paths, chunksize=256))
+    else:
+        results = [_verify_one(p) for p in paths]
+    return [r for r in results if r is not None]
+
+
 class SyntheticDataset(torch.utils.data.Dataset):
     """Random normalised images, a deterministic function of the index (no data, no decoding)."""
 
@@ -207,6 +232,16 @@ def build_datasets(config) -> DataBundle:
             raise ValueError(f"{root}/val has classes missing from {root}/train: {extra}")
         index = {c: i for i, c in enumerate(classes)}
         val_samples = [(p, index[val_classes[label]]) for p, label in val_samples]
+        if config.strict_data:
+            # Every file is checked before any training: a bad one fails the run at once, not
+            # after hours of training when the sampler reaches it.
+            paths = [p for p, _ in train_samples] + [p for p, _ in val_samples]
+            bad = verify_images(paths, threads=max(1, config.num_workers or os.cpu_count() or 1))
+            if bad:
+                raise UnreadableImageError(
+                    f"--strict-data: {len(bad)} of {len(paths)} images cannot be read: {'; '.join(bad[:5])}"
+                    + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+                    + " (remove or replace them, or drop --strict-data to skip unreadable images)")
         train_tf = T.train_transform(size, config.aa, config.color_jitter, config.train_interpolation)
         train = ImageFolderDataset(train_samples, classes, train_tf, strict=config.strict_data)
         val = ImageFolderDataset(val_samples, classes, T.eval_transform(size), strict=config.strict_data)

@@ -32,8 +32,8 @@ from . import checkpoint as official_checkpoint
 from .batch_augment import Mixup, RandomErasing, soft_target_cross_entropy
 from .checkpointing import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
                             resume_path, save_checkpoint)
-from .config import TrainConfig, parse_config
-from .data import build_datasets, collate
+from .config import RUN_FIELDS, TrainConfig, parse_config
+from .data import UnreadableImageError, build_datasets, collate
 from .locality import layer_locality_stats
 from .models import ConViT, create_model
 from .optim import WarmupCosineSchedule, create_optimizer, scaled_lr
@@ -44,6 +44,17 @@ __all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+LOG_NAME = "log.txt"
+
+# How resuming treats a flag that differs from the checkpoint's saved config (see ``_resume_plan``):
+# the architecture must match (the weights would not load); the fields that decide which images
+# make up each step cannot change in mid-run; the schedule's fields rebuild the schedule for the
+# new values at the checkpoint's position; every other field is applied as given.
+ARCH_FIELDS = ("model", "input_size", "nb_classes", "embed_dim", "local_up_to_layer", "locality_strength")
+ORDER_FIELDS = ("synthetic", "sampling_ratio", "batch_size", "repeated_aug", "seed", "sched_on_updates")
+SCHEDULE_FIELDS = ("epochs", "lr", "unscale_lr", "warmup_epochs", "warmup_lr", "min_lr")
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -73,11 +84,52 @@ def setup_distributed(device_type: str) -> Dist:
     return Dist(rank, world, local_rank, initialised_here=True)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r}: not a device name; expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: convit-train runs on cpu or cuda (cuda:N); got a {dev.type} device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def default_threads(config: TrainConfig, workers: int) -> tuple:
+    """(torch intra-op threads, why) for a run that did not give ``--threads``.
+
+    On a busy machine, intra-op threads that wait for each other at every operator's end (OpenMP
+    barriers, spin-waiting first) lose far more than they gain when the other threads' cores are
+    taken: the digits default took 6-7x longer with 2 threads than with 1 on a loaded 2-core
+    machine. So: ``OMP_NUM_THREADS`` when the user set it; 1 for the digits model, whose operators
+    are too small to gain from more; otherwise the cores of this process (divided among
+    ``LOCAL_WORLD_SIZE`` processes under torchrun) less the DataLoader workers, at least 1.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    if not config.data_path and not config.synthetic:
+        return 1, "the digits model's operators are too small to gain from more"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, available_cores() // local)
+    return max(1, cores - workers), f"{cores} core(s) per process less {workers} DataLoader worker(s)"
+
+
 def resolve_runtime(config: TrainConfig) -> TrainConfig:
-    """Fill the fields whose default depends on the machine or the data: device, amp, model, workers."""
+    """Fill the fields whose default depends on the machine or the data: device, amp, model, workers,
+    threads, and (for a resumed training run without ``--output-dir``) the checkpoint's folder."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    _check_device(device)
     amp = config.amp or ("bf16" if device.startswith("cuda") else "none")
     if amp == "fp16" and not device.startswith("cuda"):
         raise ValueError("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
@@ -85,7 +137,12 @@ def resolve_runtime(config: TrainConfig) -> TrainConfig:
     model = config.model or ("convit_digits" if on_digits else "convit_small")
     workers = config.num_workers if config.num_workers is not None else (
         min(10, os.cpu_count() or 1) if config.data_path else 0)
-    return config.replace(device=device, amp=amp, model=model, num_workers=workers)
+    threads = config.threads or default_threads(config, workers)[0]
+    output_dir = config.output_dir
+    if output_dir is None and config.resume and not config.eval:
+        output_dir = os.path.dirname(os.path.abspath(resume_path(config.resume)))
+    return config.replace(device=device, amp=amp, model=model, num_workers=workers, threads=threads,
+                          output_dir=output_dir)
 
 
 def build_model(config: TrainConfig, num_classes: int, in_chans: int, input_size: int) -> ConViT:
@@ -119,10 +176,13 @@ def _all_reduce_sum(values, device, world: Dist):
 # ------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, loader, device, amp: str, world: Dist) -> dict:
-    """Loss, top-1 and top-5 (in %) over the whole validation set, summed across ranks."""
+    """Loss, top-1 and top-5 (in %) over the validation images that could be read, summed across
+    ranks; ``images`` counts those, ``unreadable`` the others (``unreadable_paths``: this rank's)."""
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
-    for images, targets, _ in loader:
+    unreadable = []
+    for images, targets, bad in loader:
+        unreadable += bad
         if images is None:
             continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -135,10 +195,156 @@ def evaluate(model, loader, device, amp: str, world: Dist) -> dict:
         correct1 += hits[:, 0].sum().item()
         correct5 += hits.any(dim=-1).sum().item()
         count += targets.numel()
-    loss_sum, correct1, correct5, count = _all_reduce_sum([loss_sum, correct1, correct5, count], device, world)
+    loss_sum, correct1, correct5, count, n_bad = _all_reduce_sum(
+        [loss_sum, correct1, correct5, count, len(unreadable)], device, world)
+    images = int(count)
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count,
-            "images": int(count)}
+            "images": images, "unreadable": int(n_bad), "unreadable_paths": unreadable}
+
+
+def _val_count(stats: dict) -> str:
+    if stats["unreadable"]:
+        return f"{stats['images']} of {stats['images'] + stats['unreadable']}"
+    return str(stats["images"])
+
+
+def _warn_unreadable_val(stats: dict, warned: set) -> None:
+    """One warning per unreadable validation file and run (evaluation repeats every epoch)."""
+    new = [p for p in stats["unreadable_paths"] if p not in warned]
+    if stats["unreadable"] and (new or not warned):
+        print(f"warning: {stats['unreadable']} unreadable validation image(s) left out of the accuracy "
+              f"(Acc@1 over {_val_count(stats)} images): {', '.join(new)}", file=sys.stderr)
+    warned.update(new)
+
+
+# ------------------------------------------------------------------------------ runs on disk
+def _describe_run(out_dir: str, found) -> str:
+    ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
+    if CHECKPOINT_NAME not in found:
+        return ", ".join(found)
+    try:
+        state = load_training_checkpoint(ckpt, mmap=True)
+    except ValueError:
+        return f"{ckpt}, unreadable"
+    epochs = (state.get("config") or {}).get("epochs", "?")
+    return (f"{ckpt} at epoch {state['epoch']} of {epochs}, step {state['global_step']}"
+            + (f", and {LOG_NAME}" if LOG_NAME in found else ""))
+
+
+def _claim_output_dir(out_dir, resume_file, overwrite: bool, world: Dist, device, say) -> None:
+    """Refuse to start a new run over one already in ``out_dir`` (its checkpoint would be replaced
+    at the first save, its log appended to), unless this run continues it (``--resume`` of that
+    very checkpoint) or ``--overwrite`` says to start over: the old files are then moved aside."""
+    if not out_dir:
+        return
+    refused = None
+    if world.is_main:
+        ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
+        found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if os.path.isfile(os.path.join(out_dir, name))]
+        continuing = resume_file is not None and os.path.realpath(resume_file) == os.path.realpath(ckpt)
+        if continuing and overwrite:
+            refused = (f"--overwrite with --resume {resume_file}: the run to continue is the one --overwrite would "
+                       "move aside; give one of them")
+        elif found and not continuing:
+            if overwrite:
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                dest, n = os.path.join(out_dir, f"replaced-{stamp}"), 1
+                while os.path.exists(dest):
+                    dest, n = os.path.join(out_dir, f"replaced-{stamp}-{n}"), n + 1
+                os.makedirs(dest)
+                for name in found:
+                    os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+                say(f"--overwrite: moved the previous run's {' and '.join(found)} to {dest}")
+            else:
+                refused = (f"--output-dir {out_dir} already holds a run ({_describe_run(out_dir, found)}); pass "
+                           f"--resume {out_dir} to continue it, or --overwrite to start a new run there (the old "
+                           "files are then moved to a replaced-<time> folder inside it)")
+    if world.world_size > 1 and _all_reduce_sum([1.0 if refused else 0.0], device, world)[0] and not refused:
+        refused = f"--output-dir {out_dir}: refused by rank 0 (see its message)"
+    if refused:
+        raise ValueError(refused)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resume_plan(config: TrainConfig, state: dict, world: Dist) -> dict:
+    """How this run's config differs from the checkpoint's saved one, and what resuming makes of it.
+
+    Raises ValueError naming the flags for what cannot be honoured: a different architecture (the
+    weights would not fit), with ``--eval`` too; for training, a change of the fields that decide
+    which images make up each step (``ORDER_FIELDS``) or of the number of processes, and an
+    ``--epochs`` or ``--max_steps`` the checkpoint has already passed. Returns
+    ``{"schedule": {field: (old, new)}, "other": {field: (old, new)}}``: schedule fields rebuild the
+    schedule (``SCHEDULE_FIELDS``, ``--epochs`` among them), the others are applied as given.
+    """
+    saved = dict(state.get("config") or {})
+    now = config.to_dict()
+    path = config.resume
+
+    def differs(name):
+        return name in saved and saved[name] != now[name]
+
+    arch = [n for n in ARCH_FIELDS if differs(n) and not (n in ("embed_dim", "nb_classes", "input_size")
+                                                           and (saved[n] is None or now[n] is None))]
+    if arch:
+        raise ValueError(f"--resume {path}: the checkpoint's architecture differs from this run's: "
+                         + ", ".join(f"{_flag(n)} {now[n]} (checkpoint: {saved[n]})" for n in arch)
+                         + "; drop these flags to use the checkpoint's")
+    if config.eval:
+        return {}
+    order = [n for n in ORDER_FIELDS if differs(n)]
+    if order:
+        raise ValueError(f"--resume {path}: cannot change " + ", ".join(
+            f"{_flag(n)} to {now[n]} (checkpoint: {saved[n]})" for n in order)
+            + " in the middle of a run: they decide which images make up each step; drop them, or start a new "
+              "run (another --output-dir, or --overwrite) to use them")
+    if state.get("world_size", world.world_size) != world.world_size:
+        raise ValueError(f"--resume {path}: the checkpoint was written by {state['world_size']} process(es), this run "
+                         f"has {world.world_size}; the data split and the global batch would change")
+    epoch, batch, step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    if config.epochs < epoch or (config.epochs == epoch and batch > 0):
+        raise ValueError(f"--epochs {config.epochs}: the checkpoint {path} has already trained "
+                         + (f"{batch} batches of epoch {epoch}" if batch else f"{epoch} epochs")
+                         + f"; give --epochs {epoch + 1} or more to train longer")
+    if config.max_steps is not None and config.max_steps <= step:
+        raise ValueError(f"--max_steps {config.max_steps}: the checkpoint {path} is already at step {step}")
+    plan = {"schedule": {}, "other": {}}
+    for name in now:
+        if differs(name) and name not in RUN_FIELDS:  # how this invocation runs: not part of the run's record
+            plan["schedule" if name in SCHEDULE_FIELDS else "other"][name] = (saved[name], now[name])
+    return {k: v for k, v in plan.items() if v}
+
+
+def _carry_log(resume_file: str, out_dir: str, start_epoch: int, say) -> None:
+    """Write ``out_dir/log.txt`` as the resumed run's log up to the checkpoint's epoch: a line for
+    an epoch at or past it (written just before a kill that came before the checkpoint) is dropped,
+    as is a torn last line, so the epoch that runs again is logged once."""
+    src, dst = os.path.join(os.path.dirname(resume_file), LOG_NAME), os.path.join(out_dir, LOG_NAME)
+    if not os.path.isfile(src):
+        return
+    with open(src) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < start_epoch:
+            kept.append(line)
+    same = os.path.realpath(src) == os.path.realpath(dst)
+    if same and len(kept) == len(lines):
+        return
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, dst)
+    if len(kept) < len(lines):
+        say(f"{LOG_NAME}: dropped {len(lines) - len(kept)} line(s) for epochs not in the checkpoint (epoch "
+            f"{start_epoch} on, written before the previous run stopped)")
 
 
 # -------------------------------------------------------------------------------------- training
@@ -146,21 +352,38 @@ def train(config: TrainConfig) -> dict:
     """Run (or, with ``config.eval``, only evaluate) as ``config`` says; return a summary dict:
     best_acc1, final test stats, epochs/steps done, time_s, train_images_per_s, n_parameters,
     skipped_images, output_dir, log (one dict per epoch, as written to log.txt)."""
-    config = resolve_runtime(config.validate())
+    given_threads = config.validate().threads
+    config = resolve_runtime(config)
+    why_threads = "--threads" if given_threads else default_threads(config, config.num_workers)[1]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # process-wide: restored on the way out
     world = setup_distributed(torch.device(config.device).type)
     try:
-        return _train(config, world)
+        return _train(config, world, why_threads)
     finally:
+        torch.set_num_threads(previous_threads)
         if world.initialised_here:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, world: Dist) -> dict:
+def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     device = torch.device(config.device)
     if device.type == "cuda" and world.world_size > 1:
         device = torch.device("cuda", world.local_rank)
     say = print if world.is_main else (lambda *a, **k: None)
     say("convit-train configuration:\n" + json.dumps(config.to_dict(), indent=1))
+    say(f"threads: {config.threads} torch intra-op thread(s) ({why_threads}), {config.num_workers} DataLoader "
+        "worker(s); set them with --threads N / --num-workers N")
+
+    # Everything that can refuse the run does so before any data or model is built: the output
+    # folder, then the checkpoint to resume and how this run's flags differ from its config.
+    resume_file = resume_path(config.resume) if config.resume else None
+    out_dir = None if config.eval else config.output_dir
+    _claim_output_dir(out_dir, resume_file, config.overwrite, world, device, say)
+    state, plan_changes = None, {}
+    if resume_file:
+        state = load_training_checkpoint(resume_file)
+        plan_changes = _resume_plan(config, state, world)
 
     # Data first: wrong paths and empty class folders fail here, before any model is built.
     data = build_datasets(config)
@@ -187,24 +410,61 @@ def _train(config: TrainConfig, world: Dist) -> dict:
 
     start_epoch, start_batch, global_step, best_acc1 = 0, 0, 0, 0.0
     meters = {"loss_sum": 0.0, "steps": 0, "images": 0, "time": 0.0}
-    history = []
-    if config.resume:
-        path = resume_path(config.resume)
-        state = load_training_checkpoint(path)
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("model_ema") is not None:
-            ema.load_state_dict(state["model_ema"])
-        if not config.eval:
+    history, resumes = [], []
+    saved_step = None  # global step of the checkpoint now in ckpt_path, if this run knows one is there
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # an architecture difference the config comparison could not see
+            first = str(err).strip().splitlines()
+            raise ValueError(f"--resume {resume_file}: the checkpoint's weights do not fit this model ("
+                             f"{' '.join(first[:2])[:300]}); pass the architecture flags it was trained with"
+                             ) from None
+        if ema is not None:
+            if state.get("model_ema") is not None:
+                ema.load_state_dict(state["model_ema"])
+            else:
+                ema.load_state_dict(model.state_dict())
+                say("--model-ema: the checkpoint has no EMA weights; the average starts from its weights")
+        where = f"epoch {state['epoch']}, batch {state['step_in_epoch']}, step {state['global_step']}"
+        if config.eval:
+            say(f"evaluating {resume_file}, saved at {where}")
+        else:
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            say(f"resumed from {resume_file}: {where}")
+            if plan_changes.get("schedule"):
+                # The schedule of the new values, at the checkpoint's position on it.
+                old_lr = WarmupCosineSchedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0),
+                                              1.0, 1.0)
+                old_lr.load_state_dict(state["scheduler"])
+                scheduler.step(state["scheduler"]["t"])
+                say("resume: schedule rebuilt for " + ", ".join(
+                    f"--{k.replace('_', '-')} {v[1]} (was {v[0]})" for k, v in plan_changes["schedule"].items())
+                    + f": base lr {scheduler.base_lr:.3g} over {scheduler.epochs:g} epochs; lr now "
+                    f"{scheduler.lr_at(scheduler.t):.3g} at epoch {scheduler.t:g} (the checkpoint's schedule "
+                    f"gave {old_lr.lr_at(old_lr.t):.3g})")
+            else:
+                scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start_epoch, start_batch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             best_acc1 = state.get("best_acc1", 0.0)
             meters = dict(state.get("meters") or meters)
             history = list(state.get("history") or [])
+            resumes = list(state.get("resumes") or [])
             restore_rng_state(state.get("rng"))
-        say(f"resumed from {path}: epoch {start_epoch}, batch {start_batch}, step {global_step}")
+            if plan_changes.get("other"):
+                say("resume: applied as given: " + ", ".join(
+                    f"--{k.replace('_', '-')} {v[1]} (was {v[0]})" for k, v in plan_changes["other"].items()))
+            changed = {k: list(v) for part in plan_changes.values() for k, v in part.items()}
+            if changed:
+                resumes.append({"epoch": start_epoch, "step_in_epoch": start_batch, "global_step": global_step,
+                                "changed": changed})
+            if out_dir and world.is_main:
+                _carry_log(resume_file, out_dir, start_epoch, say)
+            if out_dir and os.path.realpath(resume_file) == os.path.realpath(os.path.join(out_dir, CHECKPOINT_NAME)):
+                saved_step = global_step
+        del state
 
     pin = device.type == "cuda"
     eval_loader = torch.utils.data.DataLoader(
@@ -215,11 +475,23 @@ def _train(config: TrainConfig, world: Dist) -> dict:
 
     if config.eval:
         stats = evaluate(eval_model, eval_loader, device, config.amp, world)
+        _warn_unreadable_val(stats, set())
         say(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
-            f"on {stats['images']} validation images")
+            f"on {_val_count(stats)} validation images")
         return {"best_acc1": stats["acc1"], "final": stats, "epochs": 0, "global_step": 0, "time_s": 0.0,
                 "train_images_per_s": 0.0, "n_parameters": n_parameters, "skipped_images": 0,
-                "output_dir": config.output_dir, "log": []}
+                "skipped_val_images": stats["unreadable"], "output_dir": config.output_dir, "log": []}
+
+    if start_epoch >= config.epochs:
+        # A finished run resumed as it was: nothing to train; say so, with the run's results.
+        last = history[-1] if history else {}
+        say(f"nothing to train: {resume_file} has finished all {start_epoch} epochs (best Acc@1 {best_acc1:.2f}%"
+            + (f", final Acc@1 {last['test_acc1']:.2f}%" if "test_acc1" in last else "")
+            + f", {global_step} steps); pass --epochs N with N > {start_epoch} to train longer")
+        return {"best_acc1": best_acc1, "final": None, "epochs": 0, "global_step": global_step, "time_s": 0.0,
+                "train_images_per_s": 0.0, "n_parameters": n_parameters, "skipped_images": 0,
+                "skipped_val_images": 0, "stopped_early": False, "output_dir": out_dir, "log": history,
+                "finished_before": True}
 
     train_model = model
     if world.world_size > 1:
@@ -246,12 +518,12 @@ def _train(config: TrainConfig, world: Dist) -> dict:
 
     locality_images = torch.stack([x for x, _, bad in (data.val[(i, 0)] for i in range(min(16, len(data.val))))
                                    if bad is None]).to(device)
-    out_dir = config.output_dir
     if out_dir and world.is_main:
         os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir else None
 
     def save(epoch, step_in_epoch):
+        nonlocal saved_step
         if not (ckpt_path and world.is_main):
             return
         save_checkpoint(ckpt_path, {
@@ -260,10 +532,16 @@ def _train(config: TrainConfig, world: Dist) -> dict:
             "model_ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "config": config.to_dict(), "rng": capture_rng_state(), "meters": dict(meters),
-            "best_acc1": best_acc1, "n_parameters": n_parameters, "history": history})
+            "best_acc1": best_acc1, "n_parameters": n_parameters, "history": history,
+            "world_size": world.world_size, "resumes": resumes})
+        saved_step = global_step
 
-    say(f"training {config.epochs} epochs of {steps_per_epoch} steps, global batch {global_batch}, "
-        f"base lr {base_lr:.3g}" + (f", checkpoints in {out_dir}" if out_dir else ", no --output_dir: no checkpoints"))
+    # The base lr and schedule length actually in use (a resumed schedule may differ from the flags
+    # only where the resume plan said so, and then the config holds the new values).
+    say(f"training {scheduler.epochs:g} epochs of {steps_per_epoch} steps, global batch {global_batch}, "
+        f"base lr {scheduler.base_lr:.3g}"
+        + (f", checkpoints in {out_dir}" if out_dir else ", no --output_dir: no checkpoints"))
+    run_skipped, warned = set(), set()
     skipped_total, run_images, run_train_time = 0, 0, 0.0
     stopped_early = False
     run_start = time.time()
@@ -277,12 +555,14 @@ def _train(config: TrainConfig, world: Dist) -> dict:
         train_model.train()
         lr = scheduler.lr_at(scheduler.t)
         bar = _progress(steps_per_epoch, plan.start_batch, epoch, config, world)
-        skipped_paths = []
+        epoch_skipped = set()  # files, not draws: repeated augmentation draws each image up to 3 times
         tick = time.time()
         for i, (images, targets, bad) in enumerate(train_loader, start=plan.start_batch):
             for path in bad:
-                print(f"warning: skipping unreadable image {path}", file=sys.stderr)
-            skipped_paths += bad
+                if path not in warned:
+                    print(f"warning: skipping unreadable image {path}", file=sys.stderr)
+                    warned.add(path)
+            epoch_skipped.update(bad)
             step_seed = mix_seed(config.seed, world.rank, epoch, i)
             torch.manual_seed(step_seed)  # drop path and anything else drawing from torch's global RNG
             rng = random.Random(step_seed)
@@ -309,7 +589,12 @@ def _train(config: TrainConfig, world: Dist) -> dict:
                 loss_value /= world.world_size
             loss_value = loss_value.item()
             if not math.isfinite(loss_value):
-                kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path else "no checkpoint was written"
+                if saved_step is not None:
+                    kept = f"the last good checkpoint {ckpt_path} (step {saved_step}) is kept"
+                elif ckpt_path:
+                    kept = f"no checkpoint had been written yet to {ckpt_path}"
+                else:
+                    kept = "no --output-dir: no checkpoint"
                 raise NonFiniteLossError(f"loss is {loss_value} at step {global_step + 1} (epoch {epoch}, batch "
                                          f"{i}); stopping training; {kept}")
 
@@ -356,20 +641,24 @@ def _train(config: TrainConfig, world: Dist) -> dict:
                 save(epoch, i + 1)
         if bar is not None:
             bar.close()
-        skipped_count = int(_all_reduce_sum([len(skipped_paths)], device, world)[0])
-        skipped_total += skipped_count
-        if world.world_size > 1 and skipped_count:
+        skipped_paths = sorted(epoch_skipped)
+        if world.world_size > 1 and _all_reduce_sum([len(skipped_paths)], device, world)[0]:
             gathered = [None] * world.world_size
             dist.all_gather_object(gathered, skipped_paths)
-            skipped_paths = [p for part in gathered for p in part]
+            skipped_paths = sorted({p for part in gathered for p in part})
+        skipped_count = len(skipped_paths)
+        run_skipped.update(skipped_paths)
+        skipped_total = len(run_skipped)
         if stopped_early:
             break
 
         test = evaluate(eval_model, eval_loader, device, config.amp, world)
+        if world.is_main:
+            _warn_unreadable_val(test, warned)
         last_stats = test
         best_acc1 = max(best_acc1, test["acc1"])
         record = {"train_lr": lr, "train_loss": meters["loss_sum"] / max(meters["steps"], 1),
-                  **{f"test_{k}": v for k, v in test.items() if k != "images"},
+                  **{f"test_{k}": test[k] for k in ("loss", "acc1", "acc5")},
                   "epoch": epoch, "n_parameters": n_parameters,
                   "train_images_per_s": meters["images"] / max(meters["time"], 1e-9)}
         if ema is not None:
@@ -377,13 +666,20 @@ def _train(config: TrainConfig, world: Dist) -> dict:
         if skipped_count:
             record["skipped_images"] = skipped_count
             record["skipped_paths"] = skipped_paths
+        if test["unreadable"]:
+            record["test_images"] = test["images"]
+            record["test_unreadable_images"] = test["unreadable"]
         record.update(_locality(model, locality_images))
         history.append({k: record[k] for k in ("epoch", "train_loss", "test_acc1", "train_images_per_s")})
         say(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test['loss']:.4f}, "
-            f"Acc@1 {test['acc1']:.2f}, Acc@5 {test['acc5']:.2f}, {record['train_images_per_s']:.0f} img/s"
-            + (f", {skipped_count} unreadable image(s) skipped" if skipped_count else ""))
+            f"Acc@1 {test['acc1']:.2f}, Acc@5 {test['acc5']:.2f}"
+            + (f" on {_val_count(test)} validation images" if test["unreadable"] else "")
+            + f", {record['train_images_per_s']:.0f} img/s"
+            + (f", {skipped_count} unreadable training image(s) skipped" if skipped_count else ""))
         if out_dir and world.is_main:
-            with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            # Written before the checkpoint: a kill between the two leaves a line past the
+            # checkpoint's epoch, which a resume drops (_carry_log) before running that epoch again.
+            with open(os.path.join(out_dir, LOG_NAME), "a") as f:
                 f.write(json.dumps(record) + "\n")
         save(epoch + 1, 0)
         if config.max_steps is not None and global_step >= config.max_steps:
@@ -393,15 +689,17 @@ def _train(config: TrainConfig, world: Dist) -> dict:
     img_s = run_images / max(run_train_time, 1e-9)
     summary = {"best_acc1": best_acc1, "final": last_stats, "epochs": len(history), "global_step": global_step,
                "time_s": elapsed, "train_images_per_s": img_s, "n_parameters": n_parameters,
-               "skipped_images": skipped_total, "stopped_early": stopped_early, "output_dir": out_dir,
-               "log": history}
+               "skipped_images": skipped_total, "skipped_val_images": last_stats["unreadable"] if last_stats else 0,
+               "stopped_early": stopped_early, "output_dir": out_dir, "log": history}
     if stopped_early:
-        say(f"stopped after step {global_step} (--max_steps) in the middle of an epoch"
-            + (f"; resume with --resume {ckpt_path}" if ckpt_path else ""))
+        say(f"stopped after step {global_step} (--max_steps) in the middle of an epoch, {elapsed:.1f} s, "
+            f"{img_s:.0f} training img/s" + (f"; resume with --resume {ckpt_path}" if ckpt_path else ""))
     elif last_stats is not None:
         say(f"done: best Acc@1 {best_acc1:.2f}%, final Acc@1 {last_stats['acc1']:.2f}% Acc@5 "
             f"{last_stats['acc5']:.2f}%, {elapsed:.1f} s, {img_s:.0f} training img/s"
-            + (f", {skipped_total} unreadable image(s) skipped" if skipped_total else ""))
+            + (f", {skipped_total} unreadable training image(s) skipped" if skipped_total else "")
+            + (f", {last_stats['unreadable']} unreadable validation image(s) left out" if last_stats["unreadable"]
+               else ""))
     return summary
 
 
@@ -422,15 +720,27 @@ def _locality(model, images) -> dict:
     return {key: {str(layer): values for layer, values in per_layer.items()} for key, per_layer in stats.items()}
 
 
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line. An exception raised in a DataLoader worker arrives re-raised
+    with the worker's traceback in its text; its last line is the original message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(err).__name__) else last
+    return " ".join(" ".join(lines).split())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``convit-train`` console script: 0 on success, 1 for a non-finite loss, 2 with one
+    ``convit-train: error:`` line for bad flags, paths, checkpoints or (with --strict-data) images."""
     try:
         config = parse_config(argv)
         train(config)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as err:
         print(f"convit-train: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, UnreadableImageError) as err:
+        print(f"convit-train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

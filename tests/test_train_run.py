@@ -17,8 +17,6 @@ from convit.checkpointing import CheckpointError, load_training_checkpoint
 from convit.config import resolve
 from convit.data import UnreadableImageError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def digits_config(out=None, **changes):
     """A quick digits run: 20% of the training set (287 images, 8 steps of 32), a 32-wide model,
@@ -73,8 +71,22 @@ def test_sigkill_then_resume_gives_identical_weights(uninterrupted, tmp_path):
     args = ["--epochs", "2", "--batch-size", "32", "--sampling_ratio", "0.2", "--embed_dim", "32",
             "--warmup-epochs", "0.5", "--progress", "false", "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0",
             "--reprob", "0.25", "--digits_shift", "1", "--seed", "1", "--output_dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "convit.train", *args, "--save-every", "2"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The killed run must run the very code this process runs (the resume below): the folder
+    # holding the imported convit package goes first on its path, and its working directory is not
+    # the clone (whose sources would shadow a non-editable install). It reports what it imported.
+    import convit
+    import convit_kernels
+    code = ("import sys, convit, convit_kernels\n"
+            "print(convit.__file__, convit_kernels.__file__, sep='\\n', flush=True)\n"
+            "from convit.train import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(convit.__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    stdout_file = tmp_path.parent / f"{tmp_path.name}.stdout"
+    with open(stdout_file, "w") as stdout:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args, "--save-every", "2"], cwd=tmp_path.parent,
+                                env=env, stdout=stdout, stderr=subprocess.PIPE)
     marker = tmp_path / "checkpoint.pth"  # appears after step 2 (of 16)
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -82,6 +94,8 @@ def test_sigkill_then_resume_gives_identical_weights(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+    imported = open(stdout_file).read().splitlines()[:2]
+    assert imported == [os.path.abspath(convit.__file__), os.path.abspath(convit_kernels.__file__)], imported
     state = load_training_checkpoint(str(marker))
     assert state["global_step"] < 16
     assert train_mod.main(args + ["--resume", str(tmp_path)]) == 0
