@@ -1,8 +1,9 @@
 """The whole model: a training step and inference, images/s, for ConViT-Ti and ConViT-S.
 
 Providers:
-  reference, cpu, cuda, triton   ``create_model(name, gpsa_backend=...)``; "reference" is the
-                                 official eager model (the official GPSA formulation)
+  reference, cpu, cuda, triton,  ``create_model(name, gpsa_backend=...)``; "reference" is the
+  sdpa                           official eager model (the official GPSA formulation), "sdpa" the
+                                 portable backend (what "auto" picks on a GPU without opt-ins)
   plain_attention                the same network with ``local_up_to_layer=0`` (every block MHSA on
                                  SDPA): what the model would cost without GPSA
   timm                           timm's ConViT (the official code's port), where timm is installed

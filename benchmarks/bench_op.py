@@ -5,11 +5,16 @@ H = 4, 9, 16), batch 8 on CPU (fp32) and 64 and 256 on GPU (bf16). Inputs come f
 ``make_gpsa_inputs`` in the strided "bnhd" layout that the model's projections give.
 
 Providers:
-  reference, cpu, cuda, triton   ``gpsa_attention(..., backend=name)``; "reference" is the official
-                                 eager formulation. Unavailable ones are skipped with the reason.
+  reference, cpu, cuda, triton,  ``gpsa_attention(..., backend=name)``; "reference" is the official
+  sdpa                           eager formulation, "sdpa" the portable backend (SDPA + the
+                                 batch-shared positional op with its batch-contracted backward).
+                                 Unavailable ones are skipped with the reason.
   reference_compile              ``torch.compile(gpsa_reference)`` (the official formulation compiled)
-  composed                       ``gpsa_composed``: SDPA + one batch-shared positional matmul
-  sdpa                           plain ``F.scaled_dot_product_attention(q, k, v)``: the floor
+  composed                       ``gpsa_composed``: SDPA + one batch-shared positional matmul, with
+                                 plain autograd (its backward forms a (B, H, N, N) tensor): the
+                                 composed-PyTorch baseline the fused kernels must beat
+  plain_sdpa                     plain ``F.scaled_dot_product_attention(q, k, v)``: the floor
+                                 (named "sdpa" in result files recorded before the sdpa backend)
 
 Modes: "fwd" is the forward of a training step (inputs require grad, so each provider saves what
 its backward needs); "bwd" times only the backward of a forward done in the untimed setup;
@@ -31,7 +36,7 @@ N, D, GRID = 196, 48, (14, 14)
 HEADS = {"convit_tiny": 4, "convit_small": 9, "convit_base": 16}
 BATCHES = (64, 256) if ON_GPU else (8,)
 MODES = ("fwd", "bwd", "fwd_bwd")
-PROVIDERS = KNOWN_BACKENDS + ("reference_compile", "composed", "sdpa")
+PROVIDERS = KNOWN_BACKENDS + ("reference_compile", "composed", "plain_sdpa")
 # CPU: 20 rounds, as the reference varies much from round to round (page faults of its fresh N x N tensors).
 ROUNDS = rounds(30, 20)
 WARMUP = 3 if ON_GPU else 1
@@ -39,7 +44,7 @@ WARMUP = 3 if ON_GPU else 1
 _compiled_reference = None
 
 
-def _sdpa(q, k, v, pos_weight, pos_bias, gating, grid_size):
+def _plain_sdpa(q, k, v, pos_weight, pos_bias, gating, grid_size):
     return F.scaled_dot_product_attention(q, k, v)  # default scale D ** -0.5, as GPSA's
 
 
@@ -59,8 +64,8 @@ def _provider(name):
         return _compiled_reference
     if name == "composed":
         return gpsa_composed
-    if name == "sdpa":
-        return _sdpa
+    if name == "plain_sdpa":
+        return _plain_sdpa
     raise ValueError(f"unknown provider {name!r}")
 
 
