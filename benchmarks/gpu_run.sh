@@ -51,7 +51,7 @@
 # (stages 1-3, 5, 7, 8) and logs/bench.log (stages 4, 6, 9).
 set -uo pipefail
 
-usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '5,22p' "$0" | cut -c3- >&2; exit 2; }
 
 OUT="" PROFILE=quick DRY=0 ONLY=""
 while [ $# -gt 0 ]; do
@@ -75,7 +75,7 @@ mkdir -p "$OUT" || exit 2
 if [ -n "$(ls -A "$OUT")" ]; then echo "gpu_run.sh: $OUT is not empty (the run writes at most 8 files there)" >&2; exit 2; fi
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
-REPO=$(pwd)
+
 
 export PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX") || exit 2

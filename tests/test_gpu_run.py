@@ -124,3 +124,23 @@ def test_a_stage_without_time_left_is_skipped(tmp_path):
     rows = _rows((out / "SUMMARY.md").read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert rows["build"][0] == "skipped" and "no time left" in rows["build"][3], rows["build"]
+
+
+@pytest.mark.parametrize("output,code,want", [
+    ("gpsa sanitize case done\n========= ERROR SUMMARY: 0 errors", 0, "passed"),
+    ("========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 3 errors", 97, "failed"),
+    ("========= Error: Target application terminated before first instrumented API call", 1, "refused"),
+    ("Traceback (most recent call last):\nRuntimeError: boom\n========= ERROR SUMMARY: 0 errors", 1, "failed"),
+])
+def test_sanitizer_outcomes_are_told_apart(tmp_path, output, code, want):
+    """gpu_sanitize_case.py's verdict on canned compute-sanitizer output (a stand-in executable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_sanitize_case", REPO / "benchmarks" / "gpu_sanitize_case.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {code}\n")
+    fake.chmod(0o755)
+    status, detail = module.sanitize("memcheck", str(fake), timeout=60)
+    assert status == want, (status, detail)
