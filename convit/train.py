@@ -32,11 +32,12 @@ from . import checkpoint as official_checkpoint
 from .batch_augment import Mixup, RandomErasing, soft_target_cross_entropy
 from .checkpointing import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
                             resume_path, save_checkpoint)
-from .config import RUN_FIELDS, TrainConfig, parse_config
+from .config import TrainConfig, parse_config
 from .data import UnreadableImageError, build_datasets, collate
 from .locality import layer_locality_stats
 from .models import ConViT, create_model
 from .optim import WarmupCosineSchedule, create_optimizer, scaled_lr
+from .runs import LOG_NAME, carry_log, claim_output_dir, resume_plan
 from .samplers import BatchPlan, EvalSampler, TrainSampler, mix_seed
 
 __all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
@@ -44,17 +45,6 @@ __all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-LOG_NAME = "log.txt"
-
-# How resuming treats a flag that differs from the checkpoint's saved config (see ``_resume_plan``):
-# the architecture must match (the weights would not load); the fields that decide which images
-# make up each step cannot change in mid-run; the schedule's fields rebuild the schedule for the
-# new values at the checkpoint's position; every other field is applied as given.
-ARCH_FIELDS = ("model", "input_size", "nb_classes", "embed_dim", "local_up_to_layer", "locality_strength")
-ORDER_FIELDS = ("synthetic", "sampling_ratio", "batch_size", "repeated_aug", "seed", "sched_on_updates")
-SCHEDULE_FIELDS = ("epochs", "lr", "unscale_lr", "warmup_epochs", "warmup_lr", "min_lr")
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -204,147 +194,18 @@ def evaluate(model, loader, device, amp: str, world: Dist) -> dict:
 
 
 def _val_count(stats: dict) -> str:
-    if stats["unreadable"]:
-        return f"{stats['images']} of {stats['images'] + stats['unreadable']}"
+    if stats.get("unreadable", 0):
+        return f"{stats['images']} of {stats['images'] + stats.get('unreadable', 0)}"
     return str(stats["images"])
 
 
 def _warn_unreadable_val(stats: dict, warned: set) -> None:
     """One warning per unreadable validation file and run (evaluation repeats every epoch)."""
-    new = [p for p in stats["unreadable_paths"] if p not in warned]
-    if stats["unreadable"] and (new or not warned):
-        print(f"warning: {stats['unreadable']} unreadable validation image(s) left out of the accuracy "
+    new = [p for p in stats.get("unreadable_paths", []) if p not in warned]
+    if stats.get("unreadable", 0) and (new or not warned):
+        print(f"warning: {stats.get('unreadable', 0)} unreadable validation image(s) left out of the accuracy "
               f"(Acc@1 over {_val_count(stats)} images): {', '.join(new)}", file=sys.stderr)
     warned.update(new)
-
-
-# ------------------------------------------------------------------------------ runs on disk
-def _describe_run(out_dir: str, found) -> str:
-    ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
-    if CHECKPOINT_NAME not in found:
-        return ", ".join(found)
-    try:
-        state = load_training_checkpoint(ckpt, mmap=True)
-    except ValueError:
-        return f"{ckpt}, unreadable"
-    epochs = (state.get("config") or {}).get("epochs", "?")
-    return (f"{ckpt} at epoch {state['epoch']} of {epochs}, step {state['global_step']}"
-            + (f", and {LOG_NAME}" if LOG_NAME in found else ""))
-
-
-def _claim_output_dir(out_dir, resume_file, overwrite: bool, world: Dist, device, say) -> None:
-    """Refuse to start a new run over one already in ``out_dir`` (its checkpoint would be replaced
-    at the first save, its log appended to), unless this run continues it (``--resume`` of that
-    very checkpoint) or ``--overwrite`` says to start over: the old files are then moved aside."""
-    if not out_dir:
-        return
-    refused = None
-    if world.is_main:
-        ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
-        found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if os.path.isfile(os.path.join(out_dir, name))]
-        continuing = resume_file is not None and os.path.realpath(resume_file) == os.path.realpath(ckpt)
-        if continuing and overwrite:
-            refused = (f"--overwrite with --resume {resume_file}: the run to continue is the one --overwrite would "
-                       "move aside; give one of them")
-        elif found and not continuing:
-            if overwrite:
-                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-                dest, n = os.path.join(out_dir, f"replaced-{stamp}"), 1
-                while os.path.exists(dest):
-                    dest, n = os.path.join(out_dir, f"replaced-{stamp}-{n}"), n + 1
-                os.makedirs(dest)
-                for name in found:
-                    os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
-                say(f"--overwrite: moved the previous run's {' and '.join(found)} to {dest}")
-            else:
-                refused = (f"--output-dir {out_dir} already holds a run ({_describe_run(out_dir, found)}); pass "
-                           f"--resume {out_dir} to continue it, or --overwrite to start a new run there (the old "
-                           "files are then moved to a replaced-<time> folder inside it)")
-    if world.world_size > 1 and _all_reduce_sum([1.0 if refused else 0.0], device, world)[0] and not refused:
-        refused = f"--output-dir {out_dir}: refused by rank 0 (see its message)"
-    if refused:
-        raise ValueError(refused)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _resume_plan(config: TrainConfig, state: dict, world: Dist) -> dict:
-    """How this run's config differs from the checkpoint's saved one, and what resuming makes of it.
-
-    Raises ValueError naming the flags for what cannot be honoured: a different architecture (the
-    weights would not fit), with ``--eval`` too; for training, a change of the fields that decide
-    which images make up each step (``ORDER_FIELDS``) or of the number of processes, and an
-    ``--epochs`` or ``--max_steps`` the checkpoint has already passed. Returns
-    ``{"schedule": {field: (old, new)}, "other": {field: (old, new)}}``: schedule fields rebuild the
-    schedule (``SCHEDULE_FIELDS``, ``--epochs`` among them), the others are applied as given.
-    """
-    saved = dict(state.get("config") or {})
-    now = config.to_dict()
-    path = config.resume
-
-    def differs(name):
-        return name in saved and saved[name] != now[name]
-
-    arch = [n for n in ARCH_FIELDS if differs(n) and not (n in ("embed_dim", "nb_classes", "input_size")
-                                                           and (saved[n] is None or now[n] is None))]
-    if arch:
-        raise ValueError(f"--resume {path}: the checkpoint's architecture differs from this run's: "
-                         + ", ".join(f"{_flag(n)} {now[n]} (checkpoint: {saved[n]})" for n in arch)
-                         + "; drop these flags to use the checkpoint's")
-    if config.eval:
-        return {}
-    order = [n for n in ORDER_FIELDS if differs(n)]
-    if order:
-        raise ValueError(f"--resume {path}: cannot change " + ", ".join(
-            f"{_flag(n)} to {now[n]} (checkpoint: {saved[n]})" for n in order)
-            + " in the middle of a run: they decide which images make up each step; drop them, or start a new "
-              "run (another --output-dir, or --overwrite) to use them")
-    if state.get("world_size", world.world_size) != world.world_size:
-        raise ValueError(f"--resume {path}: the checkpoint was written by {state['world_size']} process(es), this run "
-                         f"has {world.world_size}; the data split and the global batch would change")
-    epoch, batch, step = state["epoch"], state["step_in_epoch"], state["global_step"]
-    if config.epochs < epoch or (config.epochs == epoch and batch > 0):
-        raise ValueError(f"--epochs {config.epochs}: the checkpoint {path} has already trained "
-                         + (f"{batch} batches of epoch {epoch}" if batch else f"{epoch} epochs")
-                         + f"; give --epochs {epoch + 1} or more to train longer")
-    if config.max_steps is not None and config.max_steps <= step:
-        raise ValueError(f"--max_steps {config.max_steps}: the checkpoint {path} is already at step {step}")
-    plan = {"schedule": {}, "other": {}}
-    for name in now:
-        if differs(name) and name not in RUN_FIELDS:  # how this invocation runs: not part of the run's record
-            plan["schedule" if name in SCHEDULE_FIELDS else "other"][name] = (saved[name], now[name])
-    return {k: v for k, v in plan.items() if v}
-
-
-def _carry_log(resume_file: str, out_dir: str, start_epoch: int, say) -> None:
-    """Write ``out_dir/log.txt`` as the resumed run's log up to the checkpoint's epoch: a line for
-    an epoch at or past it (written just before a kill that came before the checkpoint) is dropped,
-    as is a torn last line, so the epoch that runs again is logged once."""
-    src, dst = os.path.join(os.path.dirname(resume_file), LOG_NAME), os.path.join(out_dir, LOG_NAME)
-    if not os.path.isfile(src):
-        return
-    with open(src) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] < start_epoch:
-            kept.append(line)
-    same = os.path.realpath(src) == os.path.realpath(dst)
-    if same and len(kept) == len(lines):
-        return
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, dst)
-    if len(kept) < len(lines):
-        say(f"{LOG_NAME}: dropped {len(lines) - len(kept)} line(s) for epochs not in the checkpoint (epoch "
-            f"{start_epoch} on, written before the previous run stopped)")
 
 
 # -------------------------------------------------------------------------------------- training
@@ -379,11 +240,12 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     # folder, then the checkpoint to resume and how this run's flags differ from its config.
     resume_file = resume_path(config.resume) if config.resume else None
     out_dir = None if config.eval else config.output_dir
-    _claim_output_dir(out_dir, resume_file, config.overwrite, world, device, say)
+    agree = (lambda flag: _all_reduce_sum([flag], device, world)[0]) if world.world_size > 1 else None
+    claim_output_dir(out_dir, resume_file, config.overwrite, say, world.is_main, agree)
     state, plan_changes = None, {}
     if resume_file:
         state = load_training_checkpoint(resume_file)
-        plan_changes = _resume_plan(config, state, world)
+        plan_changes = resume_plan(config, state, world.world_size)
 
     # Data first: wrong paths and empty class folders fail here, before any model is built.
     data = build_datasets(config)
@@ -431,6 +293,9 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
             say(f"evaluating {resume_file}, saved at {where}")
         else:
             optimizer.load_state_dict(state["optimizer"])
+            # load_state_dict restores the saved groups' hyper-parameters too: this run's apply.
+            for group, decay in zip(optimizer.param_groups, (0.0, config.weight_decay)):
+                group.update(weight_decay=decay, eps=config.opt_eps)
             say(f"resumed from {resume_file}: {where}")
             if plan_changes.get("schedule"):
                 # The schedule of the new values, at the checkpoint's position on it.
@@ -461,7 +326,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
                 resumes.append({"epoch": start_epoch, "step_in_epoch": start_batch, "global_step": global_step,
                                 "changed": changed})
             if out_dir and world.is_main:
-                _carry_log(resume_file, out_dir, start_epoch, say)
+                carry_log(resume_file, out_dir, start_epoch, say)
             if out_dir and os.path.realpath(resume_file) == os.path.realpath(os.path.join(out_dir, CHECKPOINT_NAME)):
                 saved_step = global_step
         del state
@@ -480,7 +345,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
             f"on {_val_count(stats)} validation images")
         return {"best_acc1": stats["acc1"], "final": stats, "epochs": 0, "global_step": 0, "time_s": 0.0,
                 "train_images_per_s": 0.0, "n_parameters": n_parameters, "skipped_images": 0,
-                "skipped_val_images": stats["unreadable"], "output_dir": config.output_dir, "log": []}
+                "skipped_val_images": stats.get("unreadable", 0), "output_dir": config.output_dir, "log": []}
 
     if start_epoch >= config.epochs:
         # A finished run resumed as it was: nothing to train; say so, with the run's results.
@@ -666,19 +531,19 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
         if skipped_count:
             record["skipped_images"] = skipped_count
             record["skipped_paths"] = skipped_paths
-        if test["unreadable"]:
+        if test.get("unreadable", 0):
             record["test_images"] = test["images"]
-            record["test_unreadable_images"] = test["unreadable"]
+            record["test_unreadable_images"] = test.get("unreadable", 0)
         record.update(_locality(model, locality_images))
         history.append({k: record[k] for k in ("epoch", "train_loss", "test_acc1", "train_images_per_s")})
         say(f"epoch {epoch}: train loss {record['train_loss']:.4f}, test loss {test['loss']:.4f}, "
             f"Acc@1 {test['acc1']:.2f}, Acc@5 {test['acc5']:.2f}"
-            + (f" on {_val_count(test)} validation images" if test["unreadable"] else "")
+            + (f" on {_val_count(test)} validation images" if test.get("unreadable", 0) else "")
             + f", {record['train_images_per_s']:.0f} img/s"
             + (f", {skipped_count} unreadable training image(s) skipped" if skipped_count else ""))
         if out_dir and world.is_main:
             # Written before the checkpoint: a kill between the two leaves a line past the
-            # checkpoint's epoch, which a resume drops (_carry_log) before running that epoch again.
+            # checkpoint's epoch, which a resume drops (runs.carry_log) before running that epoch again.
             with open(os.path.join(out_dir, LOG_NAME), "a") as f:
                 f.write(json.dumps(record) + "\n")
         save(epoch + 1, 0)
@@ -687,9 +552,10 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
 
     elapsed = time.time() - run_start
     img_s = run_images / max(run_train_time, 1e-9)
+    val_unreadable = last_stats.get("unreadable", 0) if last_stats else 0
     summary = {"best_acc1": best_acc1, "final": last_stats, "epochs": len(history), "global_step": global_step,
                "time_s": elapsed, "train_images_per_s": img_s, "n_parameters": n_parameters,
-               "skipped_images": skipped_total, "skipped_val_images": last_stats["unreadable"] if last_stats else 0,
+               "skipped_images": skipped_total, "skipped_val_images": val_unreadable,
                "stopped_early": stopped_early, "output_dir": out_dir, "log": history}
     if stopped_early:
         say(f"stopped after step {global_step} (--max_steps) in the middle of an epoch, {elapsed:.1f} s, "
@@ -698,8 +564,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
         say(f"done: best Acc@1 {best_acc1:.2f}%, final Acc@1 {last_stats['acc1']:.2f}% Acc@5 "
             f"{last_stats['acc5']:.2f}%, {elapsed:.1f} s, {img_s:.0f} training img/s"
             + (f", {skipped_total} unreadable training image(s) skipped" if skipped_total else "")
-            + (f", {last_stats['unreadable']} unreadable validation image(s) left out" if last_stats["unreadable"]
-               else ""))
+            + (f", {val_unreadable} unreadable validation image(s) left out" if val_unreadable else ""))
     return summary
 
 

@@ -87,16 +87,20 @@ def test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite(finished_ru
 def test_resume_with_more_epochs_and_new_lr_rebuilds_the_schedule(finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     # Epoch 2 of a schedule stretched to 4 epochs (--max_steps: the run stops at the end of it).
-    rc, out, err = run_cli(capsys, "--resume", run, "--epochs", "4", "--lr", "0.01", "--max_steps", "24")
+    rc, out, err = run_cli(capsys, "--resume", run, "--epochs", "4", "--lr", "0.01", "--max_steps", "24",
+                           "--weight-decay", "0.1")
     assert rc == 0, err
-    assert "schedule rebuilt" in out and "base lr 0.01" in out
+    assert "schedule rebuilt" in out and "base lr 0.01" in out and "--weight-decay 0.1 (was 0.05)" in out
     state = load_training_checkpoint(str(run / "checkpoint.pth"))
     # The saved config is what ran: the new values, and the flags not given are the first run's.
     assert state["config"]["epochs"] == 4 and state["config"]["lr"] == 0.01
     assert state["config"]["embed_dim"] == 32 and state["config"]["sampling_ratio"] == 0.2
     assert state["scheduler"]["epochs"] == 4 and state["scheduler"]["base_lr"] == 0.01
     assert state["resumes"] == [{"epoch": 2, "step_in_epoch": 0, "global_step": 16,
-                                 "changed": {"epochs": [2, 4], "lr": [DIGITS_PRESET["lr"], 0.01]}}]
+                                 "changed": {"epochs": [2, 4], "lr": [DIGITS_PRESET["lr"], 0.01],
+                                             "weight_decay": [DIGITS_PRESET["weight_decay"], 0.1]}}]
+    # An other field is applied, not only recorded: the optimizer's decayed group uses the new value.
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.0, 0.1]
     # The lr used in epoch 2 is the new schedule's (digits preset: updated every step, 8 per epoch).
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     fresh = WarmupCosineSchedule(opt, 0.01, 4, DIGITS_PRESET["warmup_epochs"], DIGITS_PRESET["warmup_lr"],
