@@ -11,11 +11,14 @@ Two kernels, no atomics, so the result is bitwise reproducible:
 
 - ``_gpsa_bwd_dq_kernel``, parallel over query blocks: the row sums delta_c, delta_p (one sweep
   over the keys, or none extra on the whole-row path where the program holds the full rows), dQ,
-  and per-program partial sums of dw_h (3 values) and dg_h (1 value) written to a buffer.
+  and per-query-row partial sums of dw_h (3 values) and dg_h (1 value) written to a buffer.
 - ``_gpsa_bwd_dkv_kernel``, parallel over key blocks: dK and dV, sweeping the queries with the
   delta_c written by the first kernel.
 
-The partial sums are reduced by torch in a fixed order (a plain sum over batch and blocks).
+The partial sums are reduced by torch in a fixed order (a plain sum over batch and rows). They are
+kept per query row, not per program, so the buffer's layout does not depend on BLOCK_M: every
+config the autotuner tries overwrites all of it, and the winner's last run leaves nothing of the
+others behind (with per-program slots, slots only a smaller BLOCK_M wrote were summed in too).
 """
 from __future__ import annotations
 
@@ -23,31 +26,63 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import (
-    LOG2E, _cfg, _configs, _head_params, _load_rows, _mm, _pos_arg, _program_tile, _rel_offsets, _rel_offsets_t,
-    _scores,
-    _store_rows,
-    choose_path, head_dim_split, pos_stats_launch, row_width,
+from .triton_common import (
+    LOG2E, _head_params, _load_rows, _mm, _pos_arg, _program_tile, _rel_offsets, _rel_offsets_t, _scores, _store_rows,
+    autotuner, cfg, check_index_range, configs, head_dim_split, pos_stats_launch, row_width, static_int, with_kwargs,
 )
+from .triton_fwd import launch_mode
 
-__all__ = ["gpsa_bwd_launch"]
+__all__ = ["gpsa_bwd_launch", "kernel_plan"]
 
-# Chosen like the forward sets (see triton_fwd): whole-row and tiled candidates for N <= 256.
-# Some whole-row dq configs compile badly for sm_90 (D = 16 or 128: ~6 KB of stack per thread),
-# so the tiled ones must stay in the running.
-_DQ_WHOLE = [_cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16), _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
-             _cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
-_DQ_TILED = [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=64), _cfg(128, 8, 2, BLOCK_N=64)]
-_DQ_SHORT_CONFIGS = _configs(_DQ_WHOLE + _DQ_TILED, _cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16))
-_DQ_LONG_CONFIGS = _configs(_DQ_TILED, _cfg(16, 4, BLOCK_N=32))
-_DQ_FORCED_CONFIGS = _configs([_cfg(32, 4, 2), _cfg(64, 8, 2)], _cfg(16, 4))
-# Partial-sum slots per (batch, head): enough for the smallest BLOCK_M of any config.
-_DQ_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _DQ_SHORT_CONFIGS + _DQ_LONG_CONFIGS + _DQ_FORCED_CONFIGS)
+# Chosen like the forward sets (see triton_fwd): for bf16 / fp16 whole-row and tiled candidates for
+# N <= 256. Some whole-row dq configs compile badly for sm_90 (D = 16 or 128: ~6 KB of stack per
+# thread), so the tiled ones must stay in the running. fp32: small tiled configs only.
+# The first config of each list must fit at every N and D (CONVIT_KERNELS_TRITON_AUTOTUNE=0 runs it).
+_DQ_WHOLE = [cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16), cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
+             cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
+_DQ_TILED = [cfg(64, 8, 2, BLOCK_N=64), cfg(32, 4, 2, BLOCK_N=64), cfg(128, 8, 2, BLOCK_N=64)]
+_DQ_FORCED = [cfg(32, 4, 2), cfg(64, 8, 2)]
+_DQ_TILED_FP32 = [cfg(32, 4, 1, BLOCK_N=32), cfg(16, 4, 1, BLOCK_N=32)]
+_DQ_FORCED_FP32 = [cfg(32, 4, 1)]
+DQ_GPU_CONFIGS = {
+    ("short", False): _DQ_WHOLE + [with_kwargs(c, WHOLE_ROW=False) for c in _DQ_TILED],
+    ("long", False): _DQ_TILED,
+    ("forced", False): _DQ_FORCED,
+    ("long", True): _DQ_TILED_FP32,
+    ("forced", True): _DQ_FORCED_FP32,
+}
+_DQ_INTERPRET_CONFIGS = {
+    ("short", False): cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
+    ("long", False): cfg(16, 4, BLOCK_N=32),
+    ("forced", False): cfg(16, 4),
+    ("long", True): cfg(16, 4, BLOCK_N=32),
+    ("forced", True): cfg(16, 4),
+}
+DKV_GPU_CONFIGS = {
+    False: [cfg(64, 8, 2, BLOCK_N=64), cfg(32, 4, 2, BLOCK_N=32), cfg(64, 4, 2, BLOCK_N=32), cfg(32, 4, 2, BLOCK_N=64)],
+    True: [cfg(32, 4, 1, BLOCK_N=32)],
+}
+_DKV_INTERPRET_CONFIG = cfg(16, 4, 1, BLOCK_N=16)
 
-_DKV_CONFIGS = _configs(
-    [_cfg(64, 8, 2, BLOCK_N=64), _cfg(32, 4, 2, BLOCK_N=32), _cfg(64, 4, 2, BLOCK_N=32), _cfg(32, 4, 2, BLOCK_N=64)],
-    _cfg(16, 4, 1, BLOCK_N=16),
-)
+
+def dq_shared_memory(meta: dict, num_stages: int) -> int:
+    """Bytes of shared memory the dq kernel needs (see ``triton_fwd.fwd_shared_memory``): K and V
+    tiles are both live (dS K after g V^T), so whole-row configs hold two ROW_N x D tiles."""
+    e = 4 if meta["IEEE"] else 2
+    d = meta["D0"] + meta["D1"]
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    if meta["WHOLE_ROW"]:
+        rn = meta["ROW_N"]
+        return e * (2 * rn * d + bm * rn)
+    return e * ((num_stages + 1) * 2 * bn * d + 2 * bm * d + 2 * bm * bn)
+
+
+def dkv_shared_memory(meta: dict, num_stages: int) -> int:
+    """Bytes of shared memory the dK/dV kernel needs: Q and dO tiles per stage, two [key, query] tiles."""
+    e = 4 if meta["IEEE"] else 2
+    d = meta["D0"] + meta["D1"]
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    return e * ((num_stages + 1) * 2 * bm * d + 2 * bn * d + 2 * bm * bn)
 
 
 @triton.jit
@@ -95,7 +130,7 @@ def _gpsa_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_gb, stride_gh, stride_gn,
     stride_dqb, stride_dqh, stride_dqn,
-    H, N, cols, scale, n_part,
+    H, N, cols, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     ROW_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
     IEEE: tl.constexpr,
@@ -103,8 +138,8 @@ def _gpsa_bwd_dq_kernel(
     """dQ, delta_c / delta_p and the dw/dg partials of BLOCK_M queries of one (batch, head).
 
     Grid: (cdiv(N, BLOCK_M) * B * H,), ordered like the forward's. Writes delta_c to DELTA (B*H, N)
-    float32 for the dK/dV kernel, and slot [bh, pid_m] of PART (B*H, n_part, 4) float32:
-    (dw0, dw1, dw2, sum_i delta_p,i - delta_c,i) over this program's queries.
+    float32 for the dK/dV kernel, and PART[bh, :, i] (PART: (B*H, 4, N) float32) for each of its
+    queries i < N: (dw0, dw1, dw2 summed over the keys, delta_p,i - delta_c,i).
     """
     pid_m, bh, b, h = _program_tile(tl.cdiv(N, BLOCK_M), H)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -125,8 +160,8 @@ def _gpsa_bwd_dq_kernel(
         q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
         g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
     # Both in log2 units; +inf for rows past N makes both probabilities 0 there.
-    lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-    lse_p = tl.load(POS_LSE2 + h * N + offs_m, mask=row_ok, other=float("inf"))
+    lse_c = tl.load((LSE + bh * N) + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+    lse_p = tl.load((POS_LSE2 + h * N) + offs_m, mask=row_ok, other=float("inf"))
 
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
@@ -164,12 +199,12 @@ def _gpsa_bwd_dq_kernel(
     _store_rows(dq_base, (dq0 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d0, N, HEAD_DIM)
     if D1 > 0:
         _store_rows(dq_base, (dq1 * scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, offs_d1, N, HEAD_DIM)
-    tl.store(DELTA + bh * N + offs_m, delta_c, mask=row_ok)
-    part = PART + (bh * n_part + pid_m) * 4
-    tl.store(part + 0, tl.sum(acc_w0, 0))
-    tl.store(part + 1, tl.sum(acc_w1, 0))
-    tl.store(part + 2, tl.sum(acc_w2, 0))
-    tl.store(part + 3, tl.sum(tl.where(row_ok, delta_p - delta_c, 0.0), 0))
+    tl.store((DELTA + bh * N) + offs_m, delta_c, mask=row_ok)
+    part = PART + bh * 4 * N
+    tl.store(part + offs_m, acc_w0, mask=row_ok)
+    tl.store((part + N) + offs_m, acc_w1, mask=row_ok)
+    tl.store((part + 2 * N) + offs_m, acc_w2, mask=row_ok)
+    tl.store((part + 3 * N) + offs_m, delta_p - delta_c, mask=row_ok)
 
 
 @triton.jit
@@ -224,9 +259,9 @@ def _gpsa_bwd_dkv_kernel(
         if D1 > 0:
             q1 = _load_rows(q_base, offs_m, stride_qn, offs_d1, N, HEAD_DIM)
             g1 = _load_rows(g_base, offs_m, stride_gn, offs_d1, N, HEAD_DIM)
-        lse_c = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=float("inf")) * LOG2E
-        lse_p = tl.load(POS_LSE2 + h * N + offs_m, mask=row_ok, other=float("inf"))
-        delta_c = tl.load(DELTA + bh * N + offs_m, mask=row_ok, other=0.0)
+        lse_c = tl.load((LSE + bh * N) + offs_m, mask=row_ok, other=float("inf")) * LOG2E
+        lse_p = tl.load((POS_LSE2 + h * N) + offs_m, mask=row_ok, other=float("inf"))
+        delta_c = tl.load((DELTA + bh * N) + offs_m, mask=row_ok, other=0.0)
         s_t = _scores(k0, k1, q0, q1, D1, IEEE) * qk_scale
         p_c = tl.where(key_ok, tl.exp2(s_t - lse_c[None, :]), 0.0)
         dx, dy = _rel_offsets_t(offs_n, offs_m, cols)
@@ -250,10 +285,27 @@ def _gpsa_bwd_dkv_kernel(
         _store_rows(dv_base, dv1.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d1, N, HEAD_DIM)
 
 
-_gpsa_bwd_dq_short = triton.autotune(configs=_DQ_SHORT_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
-_gpsa_bwd_dq_long = triton.autotune(configs=_DQ_LONG_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dq_kernel)
-_gpsa_bwd_dq_forced = triton.autotune(configs=_DQ_FORCED_CONFIGS, key=["N", "HEAD_DIM", "BLOCK_N"])(_gpsa_bwd_dq_kernel)
-_gpsa_bwd_dkv = triton.autotune(configs=_DKV_CONFIGS, key=["N", "HEAD_DIM"])(_gpsa_bwd_dkv_kernel)
+_DQ_TUNERS = {
+    key: autotuner(_gpsa_bwd_dq_kernel, configs(gpu, _DQ_INTERPRET_CONFIGS[key]),
+                   ["N", "HEAD_DIM"] + (["BLOCK_N"] if key[0] == "forced" else []), dq_shared_memory,
+                   "_gpsa_bwd_dq_kernel")
+    for key, gpu in DQ_GPU_CONFIGS.items()
+}
+_DKV_TUNERS = {ieee: autotuner(_gpsa_bwd_dkv_kernel, configs(gpu, _DKV_INTERPRET_CONFIG), ["N", "HEAD_DIM"],
+                               dkv_shared_memory, "_gpsa_bwd_dkv_kernel")
+               for ieee, gpu in DKV_GPU_CONFIGS.items()}
+
+
+def kernel_plan(N, D, dtype, block_n: int = 0, split_d: bool = False) -> list:
+    """``[(name, autotuner, constexprs, gpu_configs)]`` of the two backward kernels, as
+    ``triton_fwd.kernel_plan``."""
+    D = static_int(D)
+    d0, d1 = head_dim_split(D, split_d)
+    mode, path_args, ieee = launch_mode(N, dtype, block_n)
+    common = dict(HEAD_DIM=D, D0=d0, D1=d1, IEEE=ieee)
+    return [("bwd_dq", _DQ_TUNERS[(mode, ieee)], dict(common, ROW_N=row_width(N, mode), **path_args),
+             DQ_GPU_CONFIGS[(mode, ieee)]),
+            ("bwd_dkv", _DKV_TUNERS[ieee], common, DKV_GPU_CONFIGS[ieee])]
 
 
 def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols: int, scale: float,
@@ -266,8 +318,7 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     ``block_n`` and ``split_d`` as in the forward (any values give the same gradients).
     """
     B, H, N, D = q.shape
-    d0, d1 = head_dim_split(D, split_d)
-    mode, path_args = choose_path(N, block_n)
+    (_, dq_kernel, dq_constexprs, _), (_, dkv_kernel, dkv_constexprs, _) = kernel_plan(N, D, q.dtype, block_n, split_d)
     pos_weight = pos_weight.contiguous()
     gating = gating.contiguous()
     grads = [torch.empty((B, N, H, D), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3)]
@@ -275,11 +326,11 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     if B == 0:
         zeros = torch.zeros_like(pos_weight), torch.zeros_like(gating)
         return dq, dk, dv, *zeros
+    check_index_range(N, D, B, H, dict(grad_out=grad_out, q=q, k=k, v=v, grad_q=dq, grad_k=dk, grad_v=dv))
     pos_lse2 = pos_stats_launch(pos_weight, N, cols, wrap)
     delta = torch.empty((B * H, N), device=q.device, dtype=torch.float32)
-    n_part = triton.cdiv(N, _DQ_MIN_BLOCK_M)
-    part = torch.zeros((B * H, n_part, 4), device=q.device, dtype=torch.float32)
-    ieee = q.dtype == torch.float32
+    # Written in full by every dq config (one slot per query row): no zeroing, nothing left over.
+    part = torch.empty((B * H, 4, N), device=q.device, dtype=torch.float32)
 
     def dq_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * B * H,)
@@ -287,7 +338,6 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
     def dkv_grid(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]) * B * H,)
 
-    dq_kernel = dict(short=_gpsa_bwd_dq_short, long=_gpsa_bwd_dq_long, forced=_gpsa_bwd_dq_forced)[mode]
     wrap(dq_kernel)[dq_grid](
         q, k, v, grad_out, lse, pos_lse2, pos_weight, gating, dq, delta, part,
         q.stride(0), q.stride(1), q.stride(2),
@@ -295,10 +345,10 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, N, cols, scale, n_part,
-        HEAD_DIM=D, D0=d0, D1=d1, ROW_N=row_width(N, mode), IEEE=ieee, **path_args,
+        H, N, cols, scale,
+        **dq_constexprs,
     )
-    wrap(_gpsa_bwd_dkv)[dkv_grid](
+    wrap(dkv_kernel)[dkv_grid](
         q, k, v, grad_out, lse, pos_lse2, delta, pos_weight, gating, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -307,9 +357,9 @@ def gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows: int, cols:
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         H, N, cols, scale,
-        HEAD_DIM=D, D0=d0, D1=d1, IEEE=ieee,
+        **dkv_constexprs,
     )
-    # Fixed-order reduction of the per-program partials (no atomics): over batch and query blocks.
-    sums = part.view(B, H, n_part, 4).sum(dim=(0, 2))
+    # Fixed-order reduction of the per-row partials (no atomics): over batch and query rows.
+    sums = part.view(B, H, 4, N).sum(dim=(0, 3))
     sig = torch.sigmoid(gating)
     return dq, dk, dv, sums[:, :3].contiguous(), sums[:, 3] * sig * (1.0 - sig)

@@ -180,6 +180,151 @@ def test_swap_small_convit_to_triton_matches_reference():
         assert_close(grads[n], gr, atol=1e-4 * max(1.0, gr.abs().max().item()), name=f"grad {n}")
 
 
+def _fake_bench_favouring_last(calls):
+    """A stand-in for the autotuner's benchmarker: runs the config once (as the real one does, on the
+    same buffers) and reports decreasing times, so the LAST config of the list wins."""
+    def do_bench(kernel_call, quantiles=None):
+        kernel_call()
+        calls.append(1)
+        t = 1000.0 - len(calls)
+        return [t, t, t] if quantiles else t
+    return do_bench
+
+
+def _tuner_with(name, kernel, cfgs, key, estimate, do_bench):
+    import triton
+    from convit_kernels import triton_common
+    return triton.autotune(configs=cfgs, key=key, do_bench=do_bench, prune_configs_by=dict(
+        early_config_prune=triton_common.shared_memory_pruner(estimate, name)))(kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_real_autotuner_through_several_configs_gives_right_gradients(dtype, monkeypatch):
+    """Triton's own Autotuner runs every config of a list on the same buffers, then the winner once
+    more. The interpreter's lists have one config, so here each kernel gets three (BLOCK_M 16, 32,
+    64) and a fake timer makes the largest BLOCK_M win: any buffer state a losing config leaves
+    behind (e.g. partial-sum slots only a smaller BLOCK_M writes) would reach the gradients."""
+    from convit_kernels import triton_bwd, triton_common, triton_fwd
+    cfg = triton_common.cfg
+    calls = []
+    bench = _fake_bench_favouring_last(calls)
+    ieee = dtype == torch.float32
+    if ieee:  # fp32 runs tiled configs only
+        mode, tiles = "long", [cfg(bm, 4, BLOCK_N=16) for bm in (16, 32, 64)]
+    else:  # fp16 at N <= 256: whole-row and tiled configs in one list, as on a GPU
+        mode = "short"
+        tiles = [cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), cfg(32, 4, WHOLE_ROW=True, BLOCK_N=16),
+                 cfg(64, 4, WHOLE_ROW=False, BLOCK_N=16)]
+    fwd = _tuner_with("fwd", triton_fwd._gpsa_fwd_kernel, tiles, ["N", "HEAD_DIM"], triton_fwd.fwd_shared_memory,
+                      bench)
+    dq = _tuner_with("dq", triton_bwd._gpsa_bwd_dq_kernel, tiles, ["N", "HEAD_DIM"], triton_bwd.dq_shared_memory,
+                     bench)
+    dkv = _tuner_with("dkv", triton_bwd._gpsa_bwd_dkv_kernel, [cfg(bm, 4, BLOCK_N=bm) for bm in (16, 32, 64)],
+                      ["N", "HEAD_DIM"], triton_bwd.dkv_shared_memory, bench)
+    monkeypatch.setitem(triton_fwd._FWD_TUNERS, (mode, ieee), fwd)
+    monkeypatch.setitem(triton_bwd._DQ_TUNERS, (mode, ieee), dq)
+    monkeypatch.setitem(triton_bwd._DKV_TUNERS, ieee, dkv)
+
+    B, H, N, D = 2, 2, 50, 16  # N = 50: 4 query blocks of 16, 1 of 64
+    inputs = make_gpsa_inputs(B, H, N, D, (5, 10), dtype=dtype, device=DEVICE, layout="bnhd")
+    grad_out = torch.randn(B, H, N, D, device=DEVICE).to(dtype).float()
+    out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, grad_out)
+    out, grads = _run_triton(inputs, grad_out)
+    assert len(calls) == 9, "each of the three kernels must have timed all three of its configs"
+    for tuner in (fwd, dq, dkv):
+        assert tuner.best_config.kwargs["BLOCK_M"] == 64
+    for i, (name, got, want) in enumerate(zip(NAMES, (out, *grads), (out64, *grads64))):
+        if name == "grad_pos_bias":
+            continue
+        ref_err = ref_err_out if i == 0 else ref_err_grads[i - 1]
+        assert_within_reference_rule(name, got, want, ref_err, dtype, gradient=i > 0)
+    # A second call hits the autotuner's cache (no timing) and must give the same bits.
+    out2, grads2 = _run_triton(inputs, grad_out)
+    assert len(calls) == 9
+    assert torch.equal(out, out2) and all(torch.equal(a, c) for a, c in zip(grads, grads2))
+
+
+def test_shared_memory_pruning_and_first_configs_fit():
+    """The pruner drops configs over the limit and keeps the rest in order; every list's first
+    config fits (by the estimate) at the largest supported whole-row width and head dim."""
+    import triton
+    from convit_kernels import triton_bwd, triton_common, triton_fwd
+    big = [triton_common.cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), triton_common.cfg(256, 8, WHOLE_ROW=True, BLOCK_N=16)]
+    prune = triton_common.shared_memory_pruner(triton_bwd.dq_shared_memory, "dq")
+    meta = dict(HEAD_DIM=128, D0=128, D1=0, ROW_N=256, IEEE=True)
+    # fp32, D = 128, whole rows of 256: K and V alone are 2 x 128 KB, over the 227 KB of an sm_90 block
+    with pytest.raises(ValueError, match="no autotune config fits"):
+        prune(big, {}, **meta)
+    assert prune(big, {}, **dict(meta, IEEE=False)) == big[:1]  # bf16: 16 rows fit, 256 do not
+    # With the autotuner off each list's first config runs alone, unpruned: it must fit everywhere.
+    for N in (1, 16, 50, 196, 256, 257, 577, 4096):
+        for D in (1, 16, 48, 80, 128):
+            for dtype in ("fp32", "bf16"):
+                for split_d in (False, True):
+                    for block_n in (0, 16, triton_common.MAX_FORCED_BLOCK_N):
+                        plan = (triton_fwd.kernel_plan(N, D, dtype, block_n, split_d)
+                                + triton_bwd.kernel_plan(N, D, dtype, block_n, split_d))
+                        for name, tuner, ce, gpu_configs in plan:
+                            first = gpu_configs[0]
+                            est = tuner.early_config_prune.estimate(dict(ce, **first.kwargs), first.num_stages)
+                            assert est <= triton_common.SM90_SHARED_MEMORY, (name, N, D, dtype, split_d, block_n)
+    assert triton.next_power_of_2(197) == triton_common.next_pow2(197) == 256
+
+
+def test_index_range_is_checked_before_launch():
+    """B * H * N * D past 2**31 is fine (int64 batch/head offsets); one slice past int32 is refused."""
+    from convit_kernels import triton_common
+    big = torch.empty(0, device="meta").as_strided((64, 64, 1024, 128), (64 * 1024 * 128, 1024 * 128, 128, 1))
+    triton_common.check_index_range(1024, 128, 64, 64, dict(q=big))  # 2**29 * 1 elements: fine
+    huge = torch.empty(0, device="meta").as_strided((1, 2, 2**20, 128), (2**29, 128, 2**12, 1))
+    with pytest.raises(ValueError, match="q: one .batch, head. slice spans"):
+        triton_common.check_index_range(2**20, 128, 1, 2, dict(q=huge))
+
+
+_SYMBOLIC_TRACE = r'''
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+import convit_kernels  # noqa: F401 - registers the ops
+from convit_kernels import triton_fwd
+from convit_kernels.testing import make_gpsa_inputs
+
+assert not triton_fwd.INTERPRET  # real JITFunctions: what torch.compile sees on a GPU
+GRIDS = {50: (5, 10), 196: (14, 14), 577: (1, 577)}
+
+def step(block_n, split_d, rows, cols):
+    def f(q, k, v, w, b, g):
+        out, lse = torch.ops.convit_kernels.gpsa_fwd_triton(q, k, v, w, b, g, rows, cols, 0.125, block_n, split_d)
+        return out, lse, torch.ops.convit_kernels.gpsa_bwd_triton(out, q, k, v, w, g, lse, rows, cols, 0.125,
+                                                                   block_n, split_d)
+    return f
+
+for N, D, dtype, block_n, split_d in [(196, 48, torch.bfloat16, 0, False), (196, 48, torch.float32, 0, True),
+                                      (577, 80, torch.bfloat16, 0, True), (50, 64, torch.float16, 16, False)]:
+    q, k, v, w, b, g, grid = make_gpsa_inputs(2, 3, N, D, GRIDS[N], dtype=dtype, layout="bnhd")
+    # Every size a SymInt: the fake implementations run the launchers (no kernel is launched).
+    gm = make_fx(step(block_n, split_d, *grid), tracing_mode="symbolic")(q, k, v, w, b, g)
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0].meta["val"]
+    assert any(isinstance(s, torch.SymInt) for s in out.shape), out.shape
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"convit_kernels.gpsa_fwd_triton.default", "convit_kernels.gpsa_bwd_triton.default"} <= targets, targets
+print("traced")
+'''
+
+
+def test_launchers_trace_with_symbolic_shapes():
+    """make_fx(tracing_mode="symbolic") of both registered ops: the launchers get SymInts (as under
+    torch.compile's aot_dispatch_dynamic) and must choose paths, chunk widths and constexprs from
+    them without a kernel launch. In a subprocess without TRITON_INTERPRET, as on a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SYMBOLIC_TRACE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and "traced" in run.stdout, run.stderr[-3000:]
+
+
 _SM90_COMPILE = r'''
 import triton
 from triton.backends.compiler import GPUTarget
