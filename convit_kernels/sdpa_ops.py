@@ -15,7 +15,7 @@ and the batch folded into the columns (``(H, N, B*D)`` views of v and g),
 
     dP[h]   = g_h @ v_h^T                       one bmm over the concatenated (B*D) axis, (H, N, N)
     dZ      = P * (dP - rowsum(P * dP))         the softmax backward, (H, N, N)
-    dw[h]   = sum_ij dZ[h, i, j] r_ij           one (H, N*N) x (N*N, 3) product
+    dw[h]   = sum_ij dZ[h, i, j] r_ij           a (H, N, N, 3) product summed over i, j
     dv      = P^T @ g  (added by autograd to SDPA's dv)
     dbias   = 0 exactly (pos_bias cancels inside the softmax)
 
@@ -47,10 +47,12 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def positional_probs(pos_weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """P = softmax_j(pos_weight[h] . r_ij), shape (H, N, N), in pos_weight's dtype (fp32 or fp64).
 
-    ``pos_bias`` is left out: it adds a constant to every logit of a row and cancels.
+    ``pos_bias`` is left out: it adds a constant to every logit of a row and cancels. The logits are
+    a broadcast product and a sum, not a matmul, so autocast cannot lower them to bf16/fp16 (their
+    size, up to |w . r| ~ 10^2, would lose whole units there).
     """
     rel = relative_indices(rows, cols, device=pos_weight.device, dtype=pos_weight.dtype)  # (N, N, 3)
-    return (rel @ pos_weight.t()).permute(2, 0, 1).softmax(dim=-1)
+    return (rel * pos_weight[:, None, None, :]).sum(dim=-1).softmax(dim=-1)
 
 
 def _heads_major(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def _backward(ctx, grad_out, _grad_probs):
         dP = torch.bmm(g, _heads_major(v).transpose(1, 2)).to(probs.dtype)  # (H, N, N), summed over the batch
         dZ = probs * (dP - (probs * dP).sum(dim=-1, keepdim=True))
         rel = relative_indices(*ctx.grid, device=v.device, dtype=probs.dtype)
-        dw = (dZ.reshape(H, N * N) @ rel.reshape(N * N, 3)).to(w_dtype)
+        dw = (dZ.unsqueeze(-1) * rel).sum(dim=(1, 2)).to(w_dtype)  # not a matmul: immune to autocast
     # The bias cancels inside the positional softmax: its gradient is exactly zero.
     db = torch.zeros(bias_shape, dtype=bias_dtype, device=v.device)
     return dv, dw, db, None, None

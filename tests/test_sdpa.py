@@ -143,6 +143,21 @@ def test_opcheck_positional_op(dtype):
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 12, dtype=w.dtype))
 
 
+def test_positional_softmax_stays_fp32_under_autocast():
+    """Under bf16 autocast (how the model trains on a GPU) P and the pos_weight gradient are still
+    computed in float32: the same bits as without autocast."""
+    q, k, v, w, b, g, (rows, cols) = make_gpsa_inputs(2, 3, 20, 8, (4, 5), dtype=torch.bfloat16, layout="bnhd")
+    w.requires_grad_(True)
+    go = torch.randn(v.shape).to(torch.bfloat16)
+    out, probs = torch.ops.convit_kernels.gpsa_positional(v, w, b, rows, cols)
+    (dw,) = torch.autograd.grad(out, w, go)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_a, probs_a = torch.ops.convit_kernels.gpsa_positional(v, w, b, rows, cols)
+        (dw_a,) = torch.autograd.grad(out_a, w, go)
+    assert probs_a.dtype == torch.float32 and torch.equal(probs_a, probs)
+    assert torch.equal(out_a, out) and torch.equal(dw_a, dw)
+
+
 def test_compile_fullgraph_matches_eager():
     torch.compiler.reset()
     q, k, v, w, b, g, grid = make_gpsa_inputs(2, 3, 20, 16, (4, 5), requires_grad=True, layout="bnhd")
