@@ -15,7 +15,7 @@ and the batch folded into the columns (``(H, N, B*D)`` views of v and g),
 
     dP[h]   = g_h @ v_h^T                       one bmm over the concatenated (B*D) axis, (H, N, N)
     dZ      = P * (dP - rowsum(P * dP))         the softmax backward, (H, N, N)
-    dw[h]   = sum_ij dZ[h, i, j] r_ij           a (H, N, N, 3) product summed over i, j
+    dw[h]   = sum_ij dZ[h, i, j] r_ij           three (H, N, N) products summed over i, j
     dv      = P^T @ g  (added by autograd to SDPA's dv)
     dbias   = 0 exactly (pos_bias cancels inside the softmax)
 
@@ -48,11 +48,14 @@ def positional_probs(pos_weight: torch.Tensor, rows: int, cols: int) -> torch.Te
     """P = softmax_j(pos_weight[h] . r_ij), shape (H, N, N), in pos_weight's dtype (fp32 or fp64).
 
     ``pos_bias`` is left out: it adds a constant to every logit of a row and cancels. The logits are
-    a broadcast product and a sum, not a matmul, so autocast cannot lower them to bf16/fp16 (their
-    size, up to |w . r| ~ 10^2, would lose whole units there).
+    three broadcast products, not a matmul, so autocast cannot lower them to bf16/fp16 (their size,
+    up to |w . r| ~ 10^2, would lose whole units there), and no temporary exceeds (H, N, N).
     """
     rel = relative_indices(rows, cols, device=pos_weight.device, dtype=pos_weight.dtype)  # (N, N, 3)
-    return (rel * pos_weight[:, None, None, :]).sum(dim=-1).softmax(dim=-1)
+    logits = rel[..., 0] * pos_weight[:, 0, None, None]
+    for c in (1, 2):
+        logits = logits + rel[..., c] * pos_weight[:, c, None, None]
+    return logits.softmax(dim=-1)
 
 
 def _heads_major(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,8 @@ def _backward(ctx, grad_out, _grad_probs):
         dP = torch.bmm(g, _heads_major(v).transpose(1, 2)).to(probs.dtype)  # (H, N, N), summed over the batch
         dZ = probs * (dP - (probs * dP).sum(dim=-1, keepdim=True))
         rel = relative_indices(*ctx.grid, device=v.device, dtype=probs.dtype)
-        dw = (dZ.unsqueeze(-1) * rel).sum(dim=(1, 2)).to(w_dtype)  # not a matmul: immune to autocast
+        # Products and sums, not a matmul: immune to autocast; temporaries of (H, N, N).
+        dw = torch.stack([(dZ * rel[..., c]).sum(dim=(1, 2)) for c in range(3)], dim=1).to(w_dtype)
     # The bias cancels inside the positional softmax: its gradient is exactly zero.
     db = torch.zeros(bias_shape, dtype=bias_dtype, device=v.device)
     return dv, dw, db, None, None
