@@ -12,6 +12,8 @@
 //                          this CTA's partial sums of dw and dg (second pass);
 //   gpsa_bwd_dkdv_kernel   over key blocks: dK, dV (reads Delta_c);
 //   gpsa_bwd_reduce_kernel per head: the partial sums, added in a fixed order.
+// fp16/bf16 with D % 16 == 0 on sm_80+ take the tensor-core kernels of gpsa_bwd_mma.cu instead of
+// the first two (64-row whole-row kernels for N <= kWholeRowMaxN), with the same reduction.
 #include "gpsa_common.cuh"
 
 namespace convit_kernels {
@@ -314,7 +316,9 @@ cudaError_t bwd_typed(const GpsaBwdParams& p, cudaStream_t stream) {
                            dkdv_smem_bytes<Acc>(p.D), stream, a);
   }
   if (err != cudaSuccess) return err;
-  const int64_t num_partials = int64_t(p.B) * ceil_div(p.N, kBwdBlockM);
+  // One partial per dQ CTA: 64 query rows in the whole-row tensor-core kernel, kBwdBlockM otherwise.
+  const int rows_per_cta = tensor_cores && p.N <= kWholeRowMaxN ? kRows64 : kBwdBlockM;
+  const int64_t num_partials = int64_t(p.B) * ceil_div(p.N, rows_per_cta);
   gpsa_bwd_reduce_kernel<Acc><<<p.H, kThreads, 0, stream>>>(a.partials, num_partials, a.gating,
                                                             static_cast<Acc*>(p.grad_pos_weight),
                                                             static_cast<Acc*>(p.grad_gating));

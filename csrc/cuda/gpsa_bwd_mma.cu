@@ -320,8 +320,398 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
 #endif
 }
 
+// ==== Whole-row backward (N <= kWholeRowMaxN): 64 rows per CTA, the positional table ====
+// The structure of the rows64 forward (gpsa_fwd.cu): all N keys' (or queries') operand rows in
+// shared memory (row stride D + 8), 16 rows per warp with their Q / dO (or K / V) fragments in
+// registers, no CTA barrier in the main loops, 2^x with log2(e) folded into the scales, the
+// positional logit from the per-head table (no integer division per element), and the weights
+// folded into the exponents: (1 - s) P_c = 2^(S scale log2 e - lse log2 e + log2(1 - s)) and
+// s P_pos = 2^(tab - pos_lse log2 e + log2 s).
+// The probabilities are recomputed three times, as before (dQ pass 1 for Delta, dQ pass 2, dK/dV):
+// without the forward's output (not an input of gpsa_bwd) Delta_c = rowsum(P_c dM) needs its own
+// pass before any dS, and dQ (a sum over keys) and dK/dV (sums over queries) are each written once
+// by one CTA, without atomics.
+
+struct BwdRows64Smem {
+  size_t a, g, k, v, scr, tile, tab, kidx, kcol, krow, red, total;
+  // a / g: the CTA's own 64 rows (Q, dO in the dQ kernel; K, V in the dK/dV kernel); k / v: all
+  // n16 rows of the other side (K, V; or Q, dO). Per-row int/float arrays of n16 entries.
+  __host__ __device__ BwdRows64Smem(int n16, int D, size_t elem) {
+    const size_t ld = size_t(D) + 8;
+    a = 0;
+    g = a + align128(kRows64 * ld * elem);
+    k = g + align128(kRows64 * ld * elem);
+    v = k + align128(n16 * ld * elem);
+    scr = v + align128(n16 * ld * elem);                              // kWarps x 2 x [16][kScrLd] float
+    tile = scr + 2 * kWarps * align128(16 * kScrLd * sizeof(float));  // kWarps x 2 x [16][kPLd] T
+    tab = tile + 2 * kWarps * align128(16 * kPLd * elem);
+    kidx = tab + align128(kTabMax * sizeof(float));                   // [n16] int
+    kcol = kidx + align128(size_t(n16) * sizeof(float));              // [n16] float
+    krow = kcol + align128(size_t(n16) * sizeof(float));              // [n16] float
+    red = krow + align128(size_t(n16) * sizeof(float));  // [max(kThreads, n16)] float: sums; Delta_c per query
+    total = red + align128(size_t(n16 > kThreads ? n16 : kThreads) * sizeof(float));
+  }
+};
+
+// acc = A_w B^T over D: A_w's fragments in registers, B = 16 rows of `rows` (row stride ld).
+template <typename T, int kSteps>
+__device__ __forceinline__ void rows64_tile_dot(AccFrag& acc,
+                                                const wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>* af,
+                                                const T* rows, int ld, int k_steps) {
+  wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+  for (int t = 0; t < kSteps; ++t) {
+    if (t < k_steps) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // (c, n) = rows[n][16 t + c]
+      wmma::load_matrix_sync(bf, rows + 16 * t, ld);
+      wmma::mma_sync(acc, af[t], bf, acc);
+    }
+  }
+}
+
+// dQ kernel, pass 1 on one tile: the lane's 8 (P_c dM, P_p dM) products into (dc, dp).
+template <bool kMasked>
+__device__ __forceinline__ void dq64_tile_delta(const float* s_scr, const float* dm_scr, const float* tab_i,
+                                                const int* kidx, int r, int c0, int key0, int N, float sl2,
+                                                float off_c, float off_p, float& dc, float& dp) {
+  alignas(16) int kk[8];
+  *reinterpret_cast<uint4*>(kk) = *reinterpret_cast<const uint4*>(kidx + key0);
+  *reinterpret_cast<uint4*>(kk + 4) = *reinterpret_cast<const uint4*>(kidx + key0 + 4);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    float p_c = fast_exp2(fmaf(s_scr[r * kScrLd + c0 + c], sl2, off_c));
+    float p_p = fast_exp2(tab_i[kk[c]] + off_p);
+    if (kMasked && key0 + c >= N) p_c = p_p = 0.0f;
+    const float dm = dm_scr[r * kScrLd + c0 + c];
+    dc = fmaf(p_c, dm, dc);
+    dp = fmaf(p_p, dm, dp);
+  }
+}
+
+// dQ kernel, pass 2 on one tile: dS = (1 - s) P_c (dM - Delta_c) rounded to T into the tile, and
+// dZ = s P_p (dM - Delta_p) times (dx, dy, dx^2 + dy^2) into the lane's dw sums.
+template <typename T, bool kMasked>
+__device__ __forceinline__ void dq64_tile_ds(const float* s_scr, const float* dm_scr, T* ds_tile, const float* tab_i,
+                                             const int* kidx, const float* kcol, const float* krow, int r, int c0,
+                                             int key0, int N, float sl2, float off_c, float off_p, float dc, float dp,
+                                             float col_i, float row_i, float& dw0, float& dw1, float& dw2) {
+  alignas(16) int kk[8];
+  alignas(16) float kc[8], kr[8];
+  alignas(16) T vals[8];
+  *reinterpret_cast<uint4*>(kk) = *reinterpret_cast<const uint4*>(kidx + key0);
+  *reinterpret_cast<uint4*>(kk + 4) = *reinterpret_cast<const uint4*>(kidx + key0 + 4);
+  *reinterpret_cast<uint4*>(kc) = *reinterpret_cast<const uint4*>(kcol + key0);
+  *reinterpret_cast<uint4*>(kc + 4) = *reinterpret_cast<const uint4*>(kcol + key0 + 4);
+  *reinterpret_cast<uint4*>(kr) = *reinterpret_cast<const uint4*>(krow + key0);
+  *reinterpret_cast<uint4*>(kr + 4) = *reinterpret_cast<const uint4*>(krow + key0 + 4);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float dm = dm_scr[r * kScrLd + c0 + c];
+    float ds = fast_exp2(fmaf(s_scr[r * kScrLd + c0 + c], sl2, off_c)) * (dm - dc);
+    float dz = fast_exp2(tab_i[kk[c]] + off_p) * (dm - dp);
+    if (kMasked && key0 + c >= N) ds = dz = 0.0f;
+    const float dx = kc[c] - col_i, dy = kr[c] - row_i;
+    dw0 = fmaf(dz, dx, dw0);
+    dw1 = fmaf(dz, dy, dw1);
+    dw2 = fmaf(dz, fmaf(dx, dx, dy * dy), dw2);
+    vals[c] = from_acc<T>(ds);
+  }
+  *reinterpret_cast<uint4*>(ds_tile + r * kPLd + c0) = *reinterpret_cast<const uint4*>(vals);
+}
+
+// dQ kernel: CTA = 64 query rows of one (b, h). Pass 1: Delta_c, Delta_p (written: Delta_c);
+// pass 2: dS, dQ += dS K, the dw shares; then the CTA's partial sums in a fixed order.
+// Grid: (ceil(N / kRows64), H, B); block: kThreads; dynamic shared memory: BwdRows64Smem::total.
+template <typename T, int kSteps>
+__global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_rows64_kernel(BwdArgs<T> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
+  const int N = a.N, D = a.D, ld = D + 8, n16 = ceil_div(N, 16) * 16, k_steps = D / 16;
+  const BwdRows64Smem lay(n16, D, sizeof(T));
+  T* q_t = reinterpret_cast<T*>(smem_raw + lay.a);
+  T* go_t = reinterpret_cast<T*>(smem_raw + lay.g);
+  T* k_t = reinterpret_cast<T*>(smem_raw + lay.k);
+  T* v_t = reinterpret_cast<T*>(smem_raw + lay.v);
+  float* tab = reinterpret_cast<float*>(smem_raw + lay.tab);
+  int* kidx = reinterpret_cast<int*>(smem_raw + lay.kidx);
+  float* kcol = reinterpret_cast<float*>(smem_raw + lay.kcol);
+  float* krow = reinterpret_cast<float*>(smem_raw + lay.krow);
+  float* red = reinterpret_cast<float*>(smem_raw + lay.red);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int b = blockIdx.z, h = blockIdx.y, qb = blockIdx.x, i0 = qb * kRows64;
+  const int64_t bh = int64_t(b) * a.H + h;
+  const T* q = a.q + b * a.qs.b + h * a.qs.h;
+  const T* go = a.go + b * a.gos.b + h * a.gos.h;
+  const T* k = a.k + b * a.ks.b + h * a.ks.h;
+  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const float s = sigmoid(a.gating[h]);
+  build_pos_table(tab, a.pos_weight[h * 3 + 0] * kLog2e, a.pos_weight[h * 3 + 1] * kLog2e,
+                  a.pos_weight[h * 3 + 2] * kLog2e, a.rows, a.cols);
+  for (int j = tid; j < n16; j += kThreads) {
+    const bool in = j < N;
+    kidx[j] = in ? pos_kidx(j, a.cols) : 0;
+    kcol[j] = in ? float(j % a.cols) : 0.0f;
+    krow[j] = in ? float(j / a.cols) : 0.0f;
+  }
+  load_rows_ld(q_t, ld, q, a.qs.n, i0, kRows64, N, D);
+  load_rows_ld(go_t, ld, go, a.gos.n, i0, kRows64, N, D);
+  load_rows_ld(k_t, ld, k, a.ks.n, 0, n16, N, D);
+  load_rows_ld(v_t, ld, v, a.vs.n, 0, n16, N, D);
+  __syncthreads();
+
+  const int row0 = i0 + 16 * warp;
+  const int r = lane / 2, c0 = (lane % 2) * 8, i = row0 + r;
+  float dw0 = 0.0f, dw1 = 0.0f, dw2 = 0.0f, gate_part = 0.0f;
+  if (row0 < N) {  // warp-uniform; the warps past N still join the partial sums below
+    float* s_scr = reinterpret_cast<float*>(smem_raw + lay.scr + 2 * warp * align128(16 * kScrLd * sizeof(float)));
+    float* dm_scr = s_scr + align128(16 * kScrLd * sizeof(float)) / sizeof(float);
+    T* ds_tile = reinterpret_cast<T*>(smem_raw + lay.tile + 2 * warp * align128(16 * kPLd * sizeof(T)));
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[kSteps], gf[kSteps];
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      if (t < k_steps) {
+        wmma::load_matrix_sync(qf[t], q_t + 16 * warp * ld + 16 * t, ld);
+        wmma::load_matrix_sync(gf[t], go_t + 16 * warp * ld + 16 * t, ld);
+      }
+    }
+    // S and dM tiles of keys j0 .. j0 + 15 into the scratch tiles (see score_tile in gpsa_fwd.cu).
+    auto score_tiles = [&](int j0) {
+      AccFrag st, dmt;
+      rows64_tile_dot<T, kSteps>(st, qf, k_t + j0 * ld, ld, k_steps);
+      rows64_tile_dot<T, kSteps>(dmt, gf, v_t + j0 * ld, ld, k_steps);
+      __syncwarp();
+      wmma::store_matrix_sync(s_scr, st, kScrLd, wmma::mem_row_major);
+      wmma::store_matrix_sync(dm_scr, dmt, kScrLd, wmma::mem_row_major);
+      __syncwarp();
+    };
+    const int ic = i < N ? i : N - 1;  // rows past N: any valid geometry, never written
+    const float* tab_i = tab + pos_base(ic, a.rows, a.cols);
+    const float sl2 = a.scale * kLog2e;
+    const float lse2 = a.lse[bh * N + ic] * kLog2e, plse2 = a.pos_lse[int64_t(h) * N + ic] * kLog2e;
+
+    // Pass 1: Delta_c, Delta_p (the unweighted probabilities)
+    float dc = 0.0f, dp = 0.0f;
+    for (int j0 = 0; j0 < n16; j0 += 16) {
+      score_tiles(j0);
+      if (j0 + 16 <= N) dq64_tile_delta<false>(s_scr, dm_scr, tab_i, kidx, r, c0, j0 + c0, N, sl2, -lse2, -plse2, dc, dp);
+      else dq64_tile_delta<true>(s_scr, dm_scr, tab_i, kidx, r, c0, j0 + c0, N, sl2, -lse2, -plse2, dc, dp);
+    }
+    dc += __shfl_xor_sync(0xffffffffu, dc, 1);  // the two lanes of row r, fixed order
+    dp += __shfl_xor_sync(0xffffffffu, dp, 1);
+    if (c0 == 0 && i < N) {
+      a.delta_c[bh * N + i] = dc;
+      gate_part = dp - dc;
+    }
+
+    // Pass 2: dS, dQ, the dw shares (weights folded into the exponents)
+    const float off_c = log2f(1.0f - s) - lse2, off_p = log2f(s) - plse2;
+    const float col_i = float(ic % a.cols), row_i = float(ic / a.cols);
+    AccFrag dq_acc[kSteps];
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) wmma::fill_fragment(dq_acc[t], 0.0f);
+    for (int j0 = 0; j0 < n16; j0 += 16) {
+      score_tiles(j0);
+      if (j0 + 16 <= N)
+        dq64_tile_ds<T, false>(s_scr, dm_scr, ds_tile, tab_i, kidx, kcol, krow, r, c0, j0 + c0, N, sl2, off_c, off_p,
+                               dc, dp, col_i, row_i, dw0, dw1, dw2);
+      else
+        dq64_tile_ds<T, true>(s_scr, dm_scr, ds_tile, tab_i, kidx, kcol, krow, r, c0, j0 + c0, N, sl2, off_c, off_p,
+                              dc, dp, col_i, row_i, dw0, dw1, dw2);
+      __syncwarp();
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> dsf;  // dS[r][j0 + c]
+      wmma::load_matrix_sync(dsf, ds_tile, kPLd);
+#pragma unroll
+      for (int t = 0; t < kSteps; ++t) {
+        if (t < k_steps) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> kf;  // K[j0 + c][16 t + n]
+          wmma::load_matrix_sync(kf, k_t + j0 * ld + 16 * t, ld);
+          wmma::mma_sync(dq_acc[t], dsf, kf, dq_acc[t]);
+        }
+      }
+    }
+    if (i >= N) dw0 = dw1 = dw2 = 0.0f;  // rows past N: their dZ is not part of the gradient
+    T* dq = a.dq + b * a.dqs.b + h * a.dqs.h;
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      if (t < k_steps) {
+        __syncwarp();
+        wmma::store_matrix_sync(s_scr, dq_acc[t], kScrLd, wmma::mem_row_major);
+        __syncwarp();
+        if (i < N)
+          for (int c = 0; c < 8; ++c)
+            dq[int64_t(i) * a.dqs.n + 16 * t + c0 + c] = from_acc<T>(a.scale * s_scr[r * kScrLd + c0 + c]);
+      }
+    }
+  }
+
+  // This CTA's partial sums, reduced in a fixed order.
+  const float sums[kPartials] = {block_sum(dw0, red), block_sum(dw1, red), block_sum(dw2, red),
+                                 block_sum(gate_part, red)};
+  if (tid == 0) {
+    const int64_t num_partials = int64_t(a.B) * gridDim.x;
+    float* out = a.partials + (int64_t(h) * num_partials + int64_t(b) * gridDim.x + qb) * kPartials;
+    for (int c = 0; c < kPartials; ++c) out[c] = sums[c];
+  }
+#else
+  __trap();  // launched only on sm_80+ (see bwd_typed)
+#endif
+}
+
+// dK/dV kernel, one tile of [key][query]: M^T and dS^T rounded to T into the two tiles. The
+// per-query offsets carry the weights and -inf for queries past N (their terms vanish).
+template <typename T>
+__device__ __forceinline__ void dkdv64_tile(const float* s_scr, const float* dm_scr, T* m_tile, T* ds_tile,
+                                            const float* tab_j, const int* qbase, const float* qoff_c,
+                                            const float* qoff_p, const float* qdc, int r, int c0, int q0,
+                                            float sl2) {
+  alignas(16) int qb[8];
+  alignas(16) float oc[8], op[8], dcv[8];
+  alignas(16) T mv[8], dsv[8];
+  *reinterpret_cast<uint4*>(qb) = *reinterpret_cast<const uint4*>(qbase + q0);
+  *reinterpret_cast<uint4*>(qb + 4) = *reinterpret_cast<const uint4*>(qbase + q0 + 4);
+  *reinterpret_cast<uint4*>(oc) = *reinterpret_cast<const uint4*>(qoff_c + q0);
+  *reinterpret_cast<uint4*>(oc + 4) = *reinterpret_cast<const uint4*>(qoff_c + q0 + 4);
+  *reinterpret_cast<uint4*>(op) = *reinterpret_cast<const uint4*>(qoff_p + q0);
+  *reinterpret_cast<uint4*>(op + 4) = *reinterpret_cast<const uint4*>(qoff_p + q0 + 4);
+  *reinterpret_cast<uint4*>(dcv) = *reinterpret_cast<const uint4*>(qdc + q0);
+  *reinterpret_cast<uint4*>(dcv + 4) = *reinterpret_cast<const uint4*>(qdc + q0 + 4);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float pc = fast_exp2(fmaf(s_scr[r * kScrLd + c0 + c], sl2, oc[c]));  // (1 - s) P_c
+    const float pp = fast_exp2(tab_j[qb[c]] + op[c]);                          // s P_pos
+    mv[c] = from_acc<T>(pc + pp);
+    dsv[c] = from_acc<T>(pc * (dm_scr[r * kScrLd + c0 + c] - dcv[c]));
+  }
+  *reinterpret_cast<uint4*>(m_tile + r * kPLd + c0) = *reinterpret_cast<const uint4*>(mv);
+  *reinterpret_cast<uint4*>(ds_tile + r * kPLd + c0) = *reinterpret_cast<const uint4*>(dsv);
+}
+
+// dK/dV kernel: CTA = 64 keys of one (b, h), warp w the keys 16 w .. 16 w + 15, all queries' Q and
+// dO rows in shared memory. Per 16-query tile: S^T = K Q^T, dM^T = V dO^T, then M^T and dS^T,
+// dV += M^T dO, dK += dS^T Q. Reads Delta_c (the dQ kernel's).
+// Grid: (ceil(N / kRows64), H, B); block: kThreads; dynamic shared memory: BwdRows64Smem::total.
+template <typename T, int kSteps>
+__global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_rows64_kernel(BwdArgs<T> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA: 32-byte aligned tiles
+  const int N = a.N, D = a.D, ld = D + 8, n16 = ceil_div(N, 16) * 16, k_steps = D / 16;
+  const BwdRows64Smem lay(n16, D, sizeof(T));
+  T* k_t = reinterpret_cast<T*>(smem_raw + lay.a);
+  T* v_t = reinterpret_cast<T*>(smem_raw + lay.g);
+  T* q_t = reinterpret_cast<T*>(smem_raw + lay.k);
+  T* go_t = reinterpret_cast<T*>(smem_raw + lay.v);
+  float* tab = reinterpret_cast<float*>(smem_raw + lay.tab);
+  int* qbase = reinterpret_cast<int*>(smem_raw + lay.kidx);
+  float* qoff_c = reinterpret_cast<float*>(smem_raw + lay.kcol);
+  float* qoff_p = reinterpret_cast<float*>(smem_raw + lay.krow);
+  float* qdc = reinterpret_cast<float*>(smem_raw + lay.red);  // [n16]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kRows64;
+  const int64_t bh = int64_t(b) * a.H + h;
+  const T* q = a.q + b * a.qs.b + h * a.qs.h;
+  const T* go = a.go + b * a.gos.b + h * a.gos.h;
+  const T* k = a.k + b * a.ks.b + h * a.ks.h;
+  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const float s = sigmoid(a.gating[h]);
+  const float log2_1ms = log2f(1.0f - s), log2_s = log2f(s);
+  build_pos_table(tab, a.pos_weight[h * 3 + 0] * kLog2e, a.pos_weight[h * 3 + 1] * kLog2e,
+                  a.pos_weight[h * 3 + 2] * kLog2e, a.rows, a.cols);
+  for (int i = tid; i < n16; i += kThreads) {
+    const bool in = i < N;
+    qbase[i] = in ? pos_base(i, a.rows, a.cols) : 0;
+    qoff_c[i] = in ? log2_1ms - a.lse[bh * N + i] * kLog2e : -INFINITY;
+    qoff_p[i] = in ? log2_s - a.pos_lse[int64_t(h) * N + i] * kLog2e : -INFINITY;
+    qdc[i] = in ? a.delta_c[bh * N + i] : 0.0f;
+  }
+  load_rows_ld(k_t, ld, k, a.ks.n, j0, kRows64, N, D);
+  load_rows_ld(v_t, ld, v, a.vs.n, j0, kRows64, N, D);
+  load_rows_ld(q_t, ld, q, a.qs.n, 0, n16, N, D);
+  load_rows_ld(go_t, ld, go, a.gos.n, 0, n16, N, D);
+  __syncthreads();
+  const int key0 = j0 + 16 * warp;
+  if (key0 >= N) return;  // warp-uniform; no CTA barrier follows
+
+  float* s_scr = reinterpret_cast<float*>(smem_raw + lay.scr + 2 * warp * align128(16 * kScrLd * sizeof(float)));
+  float* dm_scr = s_scr + align128(16 * kScrLd * sizeof(float)) / sizeof(float);
+  T* m_tile = reinterpret_cast<T*>(smem_raw + lay.tile + 2 * warp * align128(16 * kPLd * sizeof(T)));
+  T* ds_tile = m_tile + align128(16 * kPLd * sizeof(T)) / sizeof(T);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> kf[kSteps], vf[kSteps];
+#pragma unroll
+  for (int t = 0; t < kSteps; ++t) {
+    if (t < k_steps) {
+      wmma::load_matrix_sync(kf[t], k_t + 16 * warp * ld + 16 * t, ld);
+      wmma::load_matrix_sync(vf[t], v_t + 16 * warp * ld + 16 * t, ld);
+    }
+  }
+  const int r = lane / 2, c0 = (lane % 2) * 8, j = key0 + r;
+  const int jc = j < N ? j : N - 1;  // keys past N: any valid geometry, never written
+  const float* tab_j = tab + pos_kidx(jc, a.cols);
+  const float sl2 = a.scale * kLog2e;
+  AccFrag dk_acc[kSteps], dv_acc[kSteps];
+#pragma unroll
+  for (int t = 0; t < kSteps; ++t) {
+    wmma::fill_fragment(dk_acc[t], 0.0f);
+    wmma::fill_fragment(dv_acc[t], 0.0f);
+  }
+  for (int i0 = 0; i0 < n16; i0 += 16) {
+    AccFrag st, dmt;
+    rows64_tile_dot<T, kSteps>(st, kf, q_t + i0 * ld, ld, k_steps);    // S^T[key][query]
+    rows64_tile_dot<T, kSteps>(dmt, vf, go_t + i0 * ld, ld, k_steps);  // dM^T[key][query]
+    __syncwarp();  // the previous tile's reads (scratch and the M / dS tiles' MMAs) are done
+    wmma::store_matrix_sync(s_scr, st, kScrLd, wmma::mem_row_major);
+    wmma::store_matrix_sync(dm_scr, dmt, kScrLd, wmma::mem_row_major);
+    __syncwarp();
+    dkdv64_tile(s_scr, dm_scr, m_tile, ds_tile, tab_j, qbase, qoff_c, qoff_p, qdc, r, c0, i0 + c0, sl2);
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> mf, dsf;  // [key][i0 + c]
+    wmma::load_matrix_sync(mf, m_tile, kPLd);
+    wmma::load_matrix_sync(dsf, ds_tile, kPLd);
+#pragma unroll
+    for (int t = 0; t < kSteps; ++t) {
+      if (t < k_steps) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> gb, qbf;  // rows i0 + c, cols 16 t + n
+        wmma::load_matrix_sync(gb, go_t + i0 * ld + 16 * t, ld);
+        wmma::load_matrix_sync(qbf, q_t + i0 * ld + 16 * t, ld);
+        wmma::mma_sync(dv_acc[t], mf, gb, dv_acc[t]);
+        wmma::mma_sync(dk_acc[t], dsf, qbf, dk_acc[t]);
+      }
+    }
+  }
+  T* dkp = a.dk + b * a.dks.b + h * a.dks.h;
+  T* dvp = a.dv + b * a.dvs.b + h * a.dvs.h;
+#pragma unroll
+  for (int t = 0; t < kSteps; ++t) {
+    if (t < k_steps) {
+      __syncwarp();
+      wmma::store_matrix_sync(s_scr, dk_acc[t], kScrLd, wmma::mem_row_major);
+      wmma::store_matrix_sync(dm_scr, dv_acc[t], kScrLd, wmma::mem_row_major);
+      __syncwarp();
+      if (j < N) {
+        for (int c = 0; c < 8; ++c) {
+          dkp[int64_t(j) * a.dks.n + 16 * t + c0 + c] = from_acc<T>(a.scale * s_scr[r * kScrLd + c0 + c]);
+          dvp[int64_t(j) * a.dvs.n + 16 * t + c0 + c] = from_acc<T>(dm_scr[r * kScrLd + c0 + c]);
+        }
+      }
+    }
+  }
+#else
+  __trap();  // launched only on sm_80+ (see bwd_typed)
+#endif
+}
+
 template <typename T>
 cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream) {
+  if (a.N <= kWholeRowMaxN) {  // the whole-row kernels; the dK/dV kernel reads the dQ kernel's Delta_c
+    const dim3 grid(ceil_div(a.N, kRows64), a.H, a.B);
+    const size_t smem = BwdRows64Smem(ceil_div(a.N, 16) * 16, a.D, sizeof(T)).total;
+    cudaError_t err = a.D <= 64 ? launch_with_smem(gpsa_bwd_dq_rows64_kernel<T, 4>, grid, smem, stream, a)
+                                : launch_with_smem(gpsa_bwd_dq_rows64_kernel<T, 8>, grid, smem, stream, a);
+    if (err != cudaSuccess) return err;
+    return a.D <= 64 ? launch_with_smem(gpsa_bwd_dkdv_rows64_kernel<T, 4>, grid, smem, stream, a)
+                     : launch_with_smem(gpsa_bwd_dkdv_rows64_kernel<T, 8>, grid, smem, stream, a);
+  }
   // The dK/dV kernel reads Delta_c, written by the dQ kernel: same stream, so in order.
   cudaError_t err = launch_with_smem(gpsa_bwd_dq_mma_kernel<T>, dim3(ceil_div(a.N, kBwdBlockM), a.H, a.B),
                                      DqLayout(a.D, sizeof(T)).total, stream, a);

@@ -42,6 +42,19 @@ __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 template <typename Acc> __device__ __forceinline__ Acc neg_inf() { return -INFINITY; }
 
+// 2^x for the fp16/bf16 tensor-core kernels (their probabilities are rounded to 16 bits): the
+// hardware ex2.approx.ftz (max relative error 2^-22; a subnormal result flushes to 0), one MUFU
+// instruction where exp2f costs four. Off the device (the CPU emulator) the library exp2f.
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // ---- positional geometry ----
 // Query i and key j on a row-major rows x cols grid: dx = col(j) - col(i), dy = row(j) - row(i).
 struct Offset {
@@ -177,6 +190,58 @@ __device__ __forceinline__ void mma_rows_dot_rows(AccFrag& acc, const T* a_rows,
     wmma::mma_sync(acc, fa, fb, acc);
   }
 }
+
+// ---- the whole-row tensor-core kernels (N <= kWholeRowMaxN, fp16/bf16, D % 16 == 0) ----
+// A CTA's 4 warps own 16 rows each (queries, or keys in the dK/dV kernel); WMMA fragments are
+// opaque, so every 16 x 16 fp32 tile goes through a per-warp scratch tile, lane l reading row
+// l / 2, columns 8 (l % 2) .. + 7.
+constexpr int kRows64 = 16 * kWarps;  // query rows per CTA
+constexpr int kScrLd = 20;            // fp32 scratch tile row stride (80 B: a 16-byte multiple, rows spread over banks)
+constexpr int kPLd = 24;              // T probability tile row stride (48 B)
+constexpr int kTabMax = 4 * kWholeRowMaxN;  // (2 rows - 1)(2 cols - 1) < 4 rows cols = 4 N
+constexpr float kLog2e = 1.4426950408889634f;
+
+
+// Copies `count` rows (zeros past N) into shared memory in T with row stride ld (>= D); 16-byte
+// vectors where D, the source row stride and the base allow (as load_rows_raw).
+template <typename T>
+__device__ __forceinline__ void load_rows_ld(T* dst, int ld, const T* src, int64_t stride_n, int row0, int count,
+                                             int N, int D) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  const bool vec = D % kVec == 0 && stride_n % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (vec) {
+    const int per_row = D / kVec;
+    for (int e = threadIdx.x; e < count * per_row; e += kThreads) {
+      const int r = e / per_row, c = e % per_row;
+      const int n = row0 + r;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (n < N) x = *reinterpret_cast<const uint4*>(src + int64_t(n) * stride_n + c * kVec);
+      *reinterpret_cast<uint4*>(dst + r * ld + c * kVec) = x;
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < count * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const int n = row0 + r;
+    dst[r * ld + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
+  }
+}
+
+// The per-head positional logit table in log2 units: tab[(dy + rows - 1)(2 cols - 1) + dx + cols - 1]
+// = w0 dx + w1 dy + w2 (dx^2 + dy^2) with w already times log2(e); the logit of query i and key j is
+// tab[base(i) + kidx(j)], base(i) = (rows - 1 - row(i))(2 cols - 1) + cols - 1 - col(i), kidx(j) =
+// row(j)(2 cols - 1) + col(j). Integer division per table entry only, once per CTA.
+__device__ __forceinline__ void build_pos_table(float* tab, float w0, float w1, float w2, int rows, int cols) {
+  const int cols2 = 2 * cols - 1, n_tab = (2 * rows - 1) * cols2;
+  for (int t = threadIdx.x; t < n_tab; t += kThreads) {
+    const int dy = t / cols2 - (rows - 1), dx = t % cols2 - (cols - 1);
+    tab[t] = w0 * float(dx) + w1 * float(dy) + w2 * float(dx * dx + dy * dy);
+  }
+}
+__device__ __forceinline__ int pos_base(int i, int rows, int cols) {
+  return (rows - 1 - i / cols) * (2 * cols - 1) + (cols - 1 - i % cols);
+}
+__device__ __forceinline__ int pos_kidx(int j, int cols) { return (j / cols) * (2 * cols - 1) + j % cols; }
 
 // ---- forward: shared by gpsa_fwd.cu and gpsa_fwd_mma.cu ----
 constexpr int kBlockM = 16;  // query rows per CTA of every forward kernel

@@ -214,6 +214,14 @@ inline unsigned char* dynamic_smem() {
 #define blockDim (emu::state().block_dim)
 
 inline void __syncthreads() { emu::wait(emu::state().block); }
+// A real barrier of the calling thread's warp (all 32 lanes must arrive, as the full mask requires).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "emu: only full-warp __syncwarp is emulated\n");
+    std::abort();
+  }
+  emu::wait(emu::state().warps[threadIdx.x / 32]);
+}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
