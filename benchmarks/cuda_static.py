@@ -219,9 +219,19 @@ def kernel_specs(version):
             name="fwd rows64 mma", file="gpsa_fwd.cu", kernel="gpsa_fwd_rows64_mma_kernel", dir="fwd",
             instance="Li4E",  # kSteps = 4: the D <= 64 instance
             smem=fwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
-            loops=[("pass 1: S, max, sum", "rows64_tile_stats<false>(scr", "MUFU.EX2", 1, (n16, n16)),
+            loops=[("pass 1: S, max, sum", "rows64_tile_stats<false>(scr", "MUFU.EX2", 9 / 8, (n16, n16)),
                    ("pass 2: S, mix, O += M V", "rows64_tile_mix<T, false>(scr", "MUFU.EX2", 2, (n16, n16))]))
-        specs += [sp for sp in kernel_specs("before") if sp["dir"] == "bwd"]
+        bwd_smem = 2 * align128(64 * ld * 2) + 2 * align128(n16 * ld * 2) + 8 * align128(16 * 20 * 4) + \
+            8 * align128(16 * 24 * 2) + align128(4 * 256 * 4) + 3 * align128(n16 * 4) + align128(max(n16, 128) * 4)
+        specs.append(dict(
+            name="bwd dQ rows64 mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dq_rows64_kernel", dir="bwd",
+            instance="Li4E", smem=bwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
+            loops=[("pass 1: S, dM, Delta", "dq64_tile_delta<false>(s_scr", "MUFU.EX2", 2, (n16, n16)),
+                   ("pass 2: S, dM, dS, dw, dQ += dS K", "dq64_tile_ds<T, false>(s_scr", "MUFU.EX2", 2, (n16, n16))]))
+        specs.append(dict(
+            name="bwd dK/dV rows64 mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dkdv_rows64_kernel", dir="bwd",
+            instance="Li4E", smem=bwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
+            loops=[("S^T, dM^T, M, dS, dV += M^T dO, dK += dS^T Q", "dkdv64_tile(s_scr", "MUFU.EX2", 2, (n16, n16))]))
     else:
         raise ValueError(version)
     return specs
@@ -237,7 +247,7 @@ def ref_spec():
     return dict(
         name="plain attention (ref)", file="cuda_static_ref.cu", kernel="plain_attn_fwd_kernel", dir="fwd",
         smem=smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
-        loops=[("pass 1: S, max, sum", "REF-HOT: stats", "MUFU.EX2", 1, (n16, n16)),
+        loops=[("pass 1: S, max, sum", "REF-HOT: stats", "MUFU.EX2", 9 / 8, (n16, n16)),
                ("pass 2: S, P, O += P V", "REF-HOT: probs", "MUFU.EX2", 1, (n16, n16))])
 
 
@@ -275,6 +285,9 @@ def demangle_short(name):
         arg = rest[1:]
         dtype = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32", "d": "fp64"}.get(
             next((k for k in ("13__nv_bfloat16", "6__half", "f", "d") if arg.startswith(k)), ""), "-")
+    inst = re.search(r"Li(\d+)E", rest)
+    if inst:
+        dtype += f", kSteps {inst.group(1)}"
     return last or name, dtype
 
 
