@@ -144,8 +144,11 @@ CASES = [
     (2, 2, 50, 48, (5, 10)),
     (1, 1, 300, 40, (15, 20)),
 ]
-LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 300, 32, (15, 20)), (1, 1, 270, 128, (15, 18)),
-             CASES[0], CASES[4]]
+# The 64-row whole-row tensor-core kernels: besides CASES[2] (D = 128), CASES[3] and N = 70 (a second
+# CTA with one active warp): the ConViT shape (14 x 14, D = 48: 4 CTAs, the last one partly past N)
+# and a one-column grid (table of 33 x 1 entries) with a partly masked last key tile.
+LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 196, 48, (14, 14)), (1, 1, 17, 32, (17, 1)),
+             (1, 1, 300, 32, (15, 20)), (1, 1, 270, 128, (15, 18)), CASES[0], CASES[4]]
 
 
 def _run_emulated(lib, q, k, v, w, g, grid, go, scale):
