@@ -42,8 +42,8 @@ _DQ_WHOLE = [cfg(16, 8, WHOLE_ROW=True, BLOCK_N=16), cfg(16, 4, WHOLE_ROW=True, 
              cfg(32, 8, WHOLE_ROW=True, BLOCK_N=16)]
 _DQ_TILED = [cfg(64, 8, 2, BLOCK_N=64), cfg(32, 4, 2, BLOCK_N=64), cfg(128, 8, 2, BLOCK_N=64)]
 _DQ_FORCED = [cfg(32, 4, 2), cfg(64, 8, 2)]
-_DQ_TILED_FP32 = [cfg(32, 4, 1, BLOCK_N=32), cfg(16, 4, 1, BLOCK_N=32)]
-_DQ_FORCED_FP32 = [cfg(32, 4, 1)]
+_DQ_TILED_FP32 = [cfg(16, 4, 1, BLOCK_N=16), cfg(32, 8, 1, BLOCK_N=32)]
+_DQ_FORCED_FP32 = [cfg(16, 4, 1)]
 DQ_GPU_CONFIGS = {
     ("short", False): _DQ_WHOLE + [with_kwargs(c, WHOLE_ROW=False) for c in _DQ_TILED],
     ("long", False): _DQ_TILED,
@@ -66,23 +66,26 @@ _DKV_INTERPRET_CONFIG = cfg(16, 4, 1, BLOCK_N=16)
 
 
 def dq_shared_memory(meta: dict, num_stages: int) -> int:
-    """Bytes of shared memory the dq kernel needs (see ``triton_fwd.fwd_shared_memory``): K and V
-    tiles are both live (dS K after g V^T), so whole-row configs hold two ROW_N x D tiles."""
+    """Bytes of shared memory the dq kernel needs (fitted like ``triton_fwd.fwd_shared_memory``): K
+    and V tiles are both live (dS K after g V^T), so whole-row configs hold two ROW_N x D tiles."""
     e = 4 if meta["IEEE"] else 2
     d = meta["D0"] + meta["D1"]
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
     if meta["WHOLE_ROW"]:
         rn = meta["ROW_N"]
-        return e * (2 * rn * d + bm * rn)
-    return e * ((num_stages + 1) * 2 * bn * d + 2 * bm * d + 2 * bm * bn)
+        return e * (2 * rn * d + bm * rn) + 4096
+    left = bm * bn if meta["IEEE"] else 0
+    return e * (max(2, num_stages) * bn * d + 2 * bm * d + left) + 4096
 
 
 def dkv_shared_memory(meta: dict, num_stages: int) -> int:
-    """Bytes of shared memory the dK/dV kernel needs: Q and dO tiles per stage, two [key, query] tiles."""
+    """Bytes of shared memory the dK/dV kernel needs: Q and dO tiles of BLOCK_M x D per stage, K or V
+    of BLOCK_N x D, the per-query statistics; fp32 dots stage their [key, query] left operands too."""
     e = 4 if meta["IEEE"] else 2
     d = meta["D0"] + meta["D1"]
     bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
-    return e * ((num_stages + 1) * 2 * bm * d + 2 * bn * d + 2 * bm * bn)
+    left = 2 * bm * bn if meta["IEEE"] else 0
+    return e * (2 * max(2, num_stages) * bm * d + bn * d + left) + 16 * bm + 4096
 
 
 @triton.jit

@@ -197,3 +197,43 @@ def test_auto_does_not_prefer_triton_unverified(monkeypatch):
     assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16).name != "triton"
     monkeypatch.setenv("CONVIT_KERNELS_TRUST_TRITON", "1")
     assert ck.backends._REGISTRY["triton"].auto_rank("cuda") is not None  # opted in: a candidate for auto
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,D", [(196, 48), (197, 128), (577, 48)])
+def test_every_autotune_config_on_shared_buffers(dtype, N, D, monkeypatch):
+    """Each kernel's real GPU list, autotuned with a timer that makes the LAST config win: every
+    config compiles and runs on the same buffers first, so anything a losing config leaves behind
+    (or a config that does not bind or fit) shows in the gradients or raises."""
+    import triton
+
+    from convit_kernels import triton_bwd, triton_fwd
+
+    def last_wins(kernel_call, quantiles=None):
+        kernel_call()
+        last_wins.calls += 1
+        t = 1000.0 - last_wins.calls
+        return [t, t, t] if quantiles else t
+    last_wins.calls = 0
+    for tuners, gpu_lists in ((triton_fwd._FWD_TUNERS, triton_fwd.FWD_GPU_CONFIGS),
+                              (triton_bwd._DQ_TUNERS, triton_bwd.DQ_GPU_CONFIGS),
+                              (triton_bwd._DKV_TUNERS, triton_bwd.DKV_GPU_CONFIGS)):
+        for key, tuner in list(tuners.items()):
+            monkeypatch.setitem(tuners, key, triton.autotune(
+                configs=gpu_lists[key], key=list(tuner.keys), do_bench=last_wins,
+                prune_configs_by=dict(early_config_prune=tuner.early_config_prune))(tuner.fn))
+    _check_against_reference(2, 3, N, D, dtype)
+    assert last_wins.calls >= 3
+
+
+@pytest.mark.gpu
+def test_compile_dynamic_shapes_two_sizes():
+    """torch.compile(dynamic=True): the launchers get SymInts (aot_dispatch_dynamic) at two N."""
+    def f(q, k, v, w, b, g, grid):
+        return ck.gpsa_attention(q, k, v, w, b, g, grid, backend="triton")
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for N, grid in ((196, (14, 14)), (50, (5, 10))):
+        *ts, grid = make_gpsa_inputs(2, 3, N, 48, grid, dtype=torch.bfloat16, device="cuda", layout="bnhd")
+        assert_close(compiled(*ts, grid), f(*ts, grid), atol=1e-2, name=f"compiled dynamic N={N}")
