@@ -87,7 +87,7 @@ def test_output_dir_with_a_run_is_refused_unless_resume_or_overwrite(finished_ru
 def test_resume_with_more_epochs_and_new_lr_rebuilds_the_schedule(finished_run, tmp_path, capsys):
     run = copy_run(finished_run, tmp_path / "run")
     # Epoch 2 of a schedule stretched to 4 epochs (--max_steps: the run stops at the end of it).
-    rc, out, err = run_cli(capsys, "--resume", run, "--epochs", "4", "--lr", "0.01", "--max_steps", "24",
+    rc, out, err = run_cli(capsys, "--resume", run, *SMALL, "--epochs", "4", "--lr", "0.01", "--max_steps", "24",
                            "--weight-decay", "0.1")
     assert rc == 0, err
     assert "schedule rebuilt" in out and "base lr 0.01" in out and "--weight-decay 0.1 (was 0.05)" in out
@@ -114,15 +114,24 @@ def test_resume_with_more_epochs_and_new_lr_rebuilds_the_schedule(finished_run, 
 def test_resume_refuses_what_it_cannot_honour(finished_run, capsys):
     for flags, named in ((["--batch-size", "16"], "--batch-size"), (["--seed", "5"], "--seed"),
                          (["--epochs", "1"], "--epochs")):
-        rc, _, err = run_cli(capsys, "--resume", finished_run, *flags)
+        rc, _, err = run_cli(capsys, "--resume", finished_run, *SMALL, *flags)
         assert rc == 2 and named in one_error_line(err), flags
+
+
+def test_resume_takes_the_flags_not_given_from_the_checkpoint(finished_run):
+    from convit.config import RUN_FIELDS
+    saved = load_training_checkpoint(str(finished_run / "checkpoint.pth"))["config"]
+    resumed = parse_config(["--resume", str(finished_run)]).to_dict()
+    assert resumed["embed_dim"] == 32 and resumed["epochs"] == 2 and resumed["sampling_ratio"] == 0.2
+    assert {k: v for k, v in resumed.items() if k not in RUN_FIELDS} == {
+        k: v for k, v in saved.items() if k not in RUN_FIELDS}
 
 
 # -------------------------------------------- 3. architecture flags are compared, not tracebacks
 @pytest.mark.parametrize("flags", [["--embed-dim", "16"], ["--local_up_to_layer", "2"],
                                    ["--local_up_to_layer", "2", "--eval"]])
 def test_resume_with_other_architecture_names_the_flag(finished_run, capsys, flags):
-    rc, _, err = run_cli(capsys, "--resume", finished_run, *flags)
+    rc, _, err = run_cli(capsys, "--resume", finished_run, *SMALL, *flags)
     line = one_error_line(err)
     assert rc == 2 and flags[0].replace("_", "-") in line and "checkpoint" in line
 
@@ -207,7 +216,7 @@ def test_kill_between_log_and_checkpoint_does_not_duplicate_the_epoch(tmp_path, 
     assert log_epochs(tmp_path) == [0, 1]
     assert load_training_checkpoint(str(tmp_path / "checkpoint.pth"))["epoch"] == 1
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    rc, out, err = run_cli(capsys, "--resume", tmp_path)
+    rc, out, err = run_cli(capsys, "--resume", tmp_path, "--epochs", "2", *SMALL)
     assert rc == 0, err
     assert "dropped 1 line(s)" in out
     assert log_epochs(tmp_path) == [0, 1]
@@ -231,10 +240,10 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path, monkeypatch):
 
 
 def test_eval_and_finished_run_report_the_checkpoint(finished_run, capsys):
-    rc, out, err = run_cli(capsys, "--eval", "--resume", finished_run)
+    rc, out, err = run_cli(capsys, "--eval", "--resume", finished_run, *SMALL)
     assert rc == 0, err
     assert "saved at epoch 2, batch 0, step 16" in out and "epoch 0, batch 0, step 0" not in out
-    rc, out, err = run_cli(capsys, "--resume", finished_run)
+    rc, out, err = run_cli(capsys, "--resume", finished_run, "--epochs", "2", *SMALL)
     assert rc == 0, err
     best = load_training_checkpoint(str(finished_run / "checkpoint.pth"))["best_acc1"]
     assert "nothing to train" in out and f"best Acc@1 {best:.2f}%" in out and "--epochs" in out
