@@ -340,7 +340,8 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
 
     if config.eval:
         stats = evaluate(eval_model, eval_loader, device, config.amp, world)
-        _warn_unreadable_val(stats, set())
+        if world.is_main:
+            _warn_unreadable_val(stats, set())
         say(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.4f} "
             f"on {_val_count(stats)} validation images")
         return {"best_acc1": stats["acc1"], "final": stats, "epochs": 0, "global_step": 0, "time_s": 0.0,
