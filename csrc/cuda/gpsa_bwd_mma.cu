@@ -62,9 +62,21 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_mma_kernel(BwdArgs<T> a)
   constexpr int kRows = kBwdBlockM / kWarps;  // 4 rows per warp in the elementwise steps
   constexpr int kPerLane = kMmaChunk / 32;    // 2 keys per lane per row
 
+  // Grid coordinates of the warp's rows once and of the lane's keys once per chunk: the positional
+  // logit needs no division per element.
   float lse_c[kRows], plse[kRows], delta_c[kRows], delta_p[kRows];
+  int row_i[kRows], col_i[kRows], row_j[kPerLane], col_j[kPerLane];
+  auto key_coords = [&](int j0) {
+    for (int x = 0; x < kPerLane; ++x) {
+      const int j = j0 + lane + 32 * x;
+      row_j[x] = j / a.cols;
+      col_j[x] = j % a.cols;
+    }
+  };
   for (int u = 0; u < kRows; ++u) {
     const int i = i0 + warp + kWarps * u;
+    row_i[u] = i / a.cols;
+    col_i[u] = i % a.cols;
     lse_c[u] = i < N ? a.lse[bh * N + i] : 0.0f;
     plse[u] = i < N ? a.pos_lse[int64_t(h) * N + i] : 0.0f;
     delta_c[u] = delta_p[u] = 0.0f;  // per-lane partial sums during pass 1
@@ -91,13 +103,15 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_mma_kernel(BwdArgs<T> a)
   // Pass 1: Delta_c = rowsum(P_c dM), Delta_p = rowsum(P_p dM).
   for (int j0 = 0; j0 < N; j0 += kMmaChunk) {
     score_tiles(j0);
+    key_coords(j0);
     for (int u = 0; u < kRows; ++u) {
       const int r = warp + kWarps * u, i = i0 + r;
       for (int x = 0; x < kPerLane; ++x) {
         const int jc = lane + 32 * x, j = j0 + jc;
         if (i < N && j < N) {
           const float p_c = acc_exp(a.scale * s_f[r * kMmaChunk + jc] - lse_c[u]);
-          const float p_p = acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse[u]);
+          const Offset o{col_j[x] - col_i[u], row_j[x] - row_i[u]};
+          const float p_p = acc_exp(pos_logit(w, o) - plse[u]);
           const float dm = dm_f[r * kMmaChunk + jc];
           delta_c[u] = fma(p_c, dm, delta_c[u]);
           delta_p[u] = fma(p_p, dm, delta_p[u]);
@@ -122,13 +136,14 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_mma_kernel(BwdArgs<T> a)
   for (int slot = 0; slot < kMmaMaxTiles; ++slot) wmma::fill_fragment(dq_acc[slot], 0.0f);
   for (int j0 = 0; j0 < N; j0 += kMmaChunk) {
     score_tiles(j0);
+    key_coords(j0);
     for (int u = 0; u < kRows; ++u) {
       const int r = warp + kWarps * u, i = i0 + r;
       for (int x = 0; x < kPerLane; ++x) {
         const int jc = lane + 32 * x, j = j0 + jc;
         float ds = 0.0f;
         if (i < N && j < N) {
-          const Offset o = grid_offset(i, j, a.cols);
+          const Offset o{col_j[x] - col_i[u], row_j[x] - row_i[u]};
           const float p_c = acc_exp(a.scale * s_f[r * kMmaChunk + jc] - lse_c[u]);
           const float p_p = acc_exp(pos_logit(w, o) - plse[u]);
           const float dm = dm_f[r * kMmaChunk + jc];
@@ -196,8 +211,9 @@ struct DkdvLayout {
     dm = s + align128(size_t(kMmaChunk) * kBwdBlockN * sizeof(float));    // [64][16] float: dO V^T
     m = dm + align128(size_t(kMmaChunk) * kBwdBlockN * sizeof(float));    // [64][16] T: M
     ds = m + align128(size_t(kMmaChunk) * kBwdBlockN * elem);             // [64][16] T: dS
-    rows = ds + align128(size_t(kMmaChunk) * kBwdBlockN * elem);          // 3 x [64] float: lse, pos_lse, Delta_c
-    o = rows + align128(3 * size_t(kMmaChunk) * sizeof(float));           // [16][D] float: dK, then dV
+    rows = ds + align128(size_t(kMmaChunk) * kBwdBlockN * elem);          // 3 x [64] float: lse, pos_lse, Delta_c;
+                                                                          // 2 x [64] int: the queries' row, col
+    o = rows + align128(5 * size_t(kMmaChunk) * sizeof(float));           // [16][D] float: dK, then dV
     total = o + align128(size_t(kBwdBlockN) * D * sizeof(float));
   }
 };
@@ -219,6 +235,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
   float* lse_s = reinterpret_cast<float*>(smem_raw + lay.rows);
   float* plse_s = lse_s + kMmaChunk;
   float* dc_s = plse_s + kMmaChunk;
+  int* qrow_s = reinterpret_cast<int*>(dc_s + kMmaChunk);
+  int* qcol_s = qrow_s + kMmaChunk;
   float* o_f = reinterpret_cast<float*>(smem_raw + lay.o);
 
   const int tid = threadIdx.x, warp = tid / 32;
@@ -231,6 +249,10 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
   const float w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const float s = sigmoid(a.gating[h]);
 
+  // The thread's key is the same in every chunk below (e % kBwdBlockN = tid % kBwdBlockN): its grid
+  // coordinates once; the queries' are staged with each chunk. No division per element.
+  static_assert(kThreads % kBwdBlockN == 0, "a thread keeps its key column across the elementwise loop");
+  const int row_j = (j0 + tid % kBwdBlockN) / a.cols, col_j = (j0 + tid % kBwdBlockN) % a.cols;
   load_rows_raw(k_t, k, a.ks.n, j0, kBwdBlockN, N, D);
   load_rows_raw(v_t, v, a.vs.n, j0, kBwdBlockN, N, D);
   AccFrag dk_acc[kMmaMaxTiles], dv_acc[kMmaMaxTiles];
@@ -248,6 +270,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
       lse_s[x] = i < N ? a.lse[bh * N + i] : 0.0f;
       plse_s[x] = i < N ? a.pos_lse[int64_t(h) * N + i] : 0.0f;
       dc_s[x] = i < N ? a.delta_c[bh * N + i] : 0.0f;
+      qrow_s[x] = i / a.cols;
+      qcol_s[x] = i % a.cols;
     }
     __syncthreads();
     {
@@ -265,7 +289,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
       float m = 0.0f, ds = 0.0f;
       if (i < N && j < N) {
         const float p_c = acc_exp(a.scale * s_f[e] - lse_s[il]);
-        const float p_p = acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse_s[il]);
+        const Offset o{col_j - qcol_s[il], row_j - qrow_s[il]};
+        const float p_p = acc_exp(pos_logit(w, o) - plse_s[il]);
         m = (1.0f - s) * p_c + s * p_p;
         ds = (1.0f - s) * p_c * (dm_f[e] - dc_s[il]);
       }

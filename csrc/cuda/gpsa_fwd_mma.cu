@@ -69,12 +69,16 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_mma_kernel(FwdArgs<T>
   constexpr int kPerLane = kTiledMmaChunk / 32;      // 2 keys per lane per row
 
   // Row state, held identically by every lane of the warp owning row r = warp + kWarps * u.
+  // The rows' grid coordinates, once: the positional logit below needs no division per element.
   float m_run[kRows], l_run[kRows], plse[kRows];
+  int row_i[kRows], col_i[kRows];
   for (int u = 0; u < kRows; ++u) {
     const int i = i0 + warp + kWarps * u;
     m_run[u] = neg_inf<float>();
     l_run[u] = 0.0f;
     plse[u] = i < N ? a.pos_lse[int64_t(h) * N + i] : 0.0f;
+    row_i[u] = i / a.cols;
+    col_i[u] = i % a.cols;
   }
   AccFrag acc_p[kTiledMmaTiles];
 #pragma unroll
@@ -94,7 +98,14 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_mma_kernel(FwdArgs<T>
       wmma::store_matrix_sync(s_f + 16 * warp, st, kTiledMmaChunk, wmma::mem_row_major);
     }
     __syncthreads();
-    // 2. online softmax statistics and this chunk's probabilities
+    // 2. online softmax statistics and this chunk's probabilities; the lane's keys' grid
+    //    coordinates once per chunk (one division per key, shared by the warp's kRows rows)
+    int row_j[kPerLane], col_j[kPerLane];
+    for (int x = 0; x < kPerLane; ++x) {
+      const int j = j0 + lane + 32 * x;
+      row_j[x] = j / a.cols;
+      col_j[x] = j % a.cols;
+    }
     for (int u = 0; u < kRows; ++u) {
       const int r = warp + kWarps * u, i = i0 + r;
       float sv[kPerLane];
@@ -112,7 +123,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_mma_kernel(FwdArgs<T>
         const float p = acc_exp(sv[x] - m_new);  // 0 for masked keys
         psum += p;
         pc_t[r * kTiledMmaChunk + jc] = from_acc<T>(p);
-        const float pp = (i < N && j < N) ? acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse[u]) : 0.0f;
+        const Offset o{col_j[x] - col_i[u], row_j[x] - row_i[u]};
+        const float pp = (i < N && j < N) ? acc_exp(pos_logit(w, o) - plse[u]) : 0.0f;
         pp_t[r * kTiledMmaChunk + jc] = from_acc<T>(pp);
       }
       l_run[u] = l_run[u] * alpha + warp_sum(psum);
