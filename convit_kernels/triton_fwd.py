@@ -2,9 +2,9 @@
 
 Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
 
-- ``_gpsa_pos_stats_kernel``: the log-sum-exp of the positional logits of every (head, query),
-  (H, N) float32. The positional softmax does not depend on the batch, so this is done once per
-  call and costs H x N x N exponentials, nothing next to the attention itself.
+- ``_gpsa_pos_stats_kernel`` (in triton_common): the log-sum-exp of the positional logits of every
+  (head, query), (H, N) float32. The positional softmax does not depend on the batch, so this is
+  done once per call and costs H x N x N exponentials, nothing next to the attention itself.
 - ``_gpsa_fwd_kernel``: one program = BLOCK_M queries of one (batch, head). Positional logits are
   formed in registers from the row/col indices of the patch grid; nothing of size N x N is read.
   Whole-row path (``WHOLE_ROW``, a candidate for N <= 256): the program holds the full rows of
@@ -24,8 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (  # noqa: F401 - INTERPRET, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, pos_stats_launch: re-exported
-    AUTOTUNE, INTERPRET, LN2, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, _head_params, _load_rows, _mm, _pos_arg, _program_tile,
+# INTERPRET, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, choose_path, head_dim_split, pos_stats_launch: also used as
+# triton_fwd.* (triton_ops, tests), so re-exported here.
+from .triton_common import (  # noqa: F401
+    INTERPRET, LN2, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, _head_params, _load_rows, _mm, _pos_arg, _program_tile,
     _rel_offsets, _scores, _store_rows, autotuner, cfg, check_index_range, choose_path, configs, head_dim_split,
     pos_stats_launch, row_width, static_int, with_kwargs,
 )
@@ -193,7 +195,8 @@ def _gpsa_fwd_kernel(
 
 _FWD_TUNERS = {
     key: autotuner(_gpsa_fwd_kernel, configs(gpu, _FWD_INTERPRET_CONFIGS[key]),
-                   ["N", "HEAD_DIM"] + (["BLOCK_N"] if key[0] == "forced" else []), fwd_shared_memory, "_gpsa_fwd_kernel")
+                   ["N", "HEAD_DIM"] + (["BLOCK_N"] if key[0] == "forced" else []), fwd_shared_memory,
+                   "_gpsa_fwd_kernel")
     for key, gpu in FWD_GPU_CONFIGS.items()
 }
 
