@@ -250,8 +250,10 @@ def test_real_autotuner_through_several_configs_gives_right_gradients(dtype, mon
 
 
 def test_shared_memory_pruning_and_first_configs_fit():
-    """The pruner drops configs over the limit and keeps the rest in order; every list's first
-    config fits (by the estimate) at the largest supported whole-row width and head dim."""
+    """The pruner drops configs over the limit and keeps the rest in order; every config of every
+    GPU list binds, and every list's first config fits (by the estimate) at every supported size."""
+    import inspect
+
     import triton
     from convit_kernels import triton_bwd, triton_common, triton_fwd
     big = [triton_common.cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16), triton_common.cfg(256, 8, WHOLE_ROW=True, BLOCK_N=16)]
@@ -270,6 +272,14 @@ def test_shared_memory_pruning_and_first_configs_fit():
                         plan = (triton_fwd.kernel_plan(N, D, dtype, block_n, split_d)
                                 + triton_bwd.kernel_plan(N, D, dtype, block_n, split_d))
                         for name, tuner, ce, gpu_configs in plan:
+                            # Every config binds: launch constexprs + config kwargs name each
+                            # constexpr exactly once (a missing one is a TypeError on a GPU, a
+                            # repeated one the autotuner's "Conflicting meta-parameters").
+                            params = inspect.signature(tuner.fn.fn).parameters.items()
+                            needed = {n for n, p in params if "constexpr" in str(p.annotation)}
+                            for c in gpu_configs:
+                                assert not set(ce) & set(c.kwargs), (name, c, ce)
+                                assert set(ce) | set(c.kwargs) == needed, (name, c, ce)
                             first = gpu_configs[0]
                             est = tuner.early_config_prune.estimate(dict(ce, **first.kwargs), first.num_stages)
                             assert est <= triton_common.SM90_SHARED_MEMORY, (name, N, D, dtype, split_d, block_n)
