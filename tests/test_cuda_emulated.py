@@ -237,3 +237,26 @@ def test_emulated_unaligned_strided_views(emu_lib, dtype):
     assert torch.equal(out_a, out_b) and torch.equal(lse_a, lse_b)
     for name, x, y in zip(("grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_gating"), grads_a, grads_b):
         assert torch.equal(x, y), f"{name} depends on the load path"
+
+
+def test_emulated_whole_row_falls_back_where_shared_memory_is_short(emu_lib, monkeypatch):
+    """The 64-row tensor-core kernels keep all keys' rows in shared memory; on a GPU that cannot
+    give a block that much (sm_86/89: 99 KB, sm_80: 163 KB) N <= 256 must take the tiled forward
+    and the 16-row backward, with the partial sums counted for 16-row CTAs. The emulated device
+    reports 16 KB here, so every bf16 tensor-core case takes those kernels."""
+    B, H, N, D, grid = 2, 2, 50, 48, (5, 10)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(21)
+    inputs = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    q, k, v, w, b, g, _ = inputs
+    scale = D ** -0.5
+    go = torch.randn(B, N, H, D, generator=gen).to(dtype).transpose(1, 2)
+    out_w, lse_w, grads_w = _run_emulated(emu_lib, q, k, v, w, g, grid, go, scale)
+    monkeypatch.setenv("EMU_MAX_SMEM_OPTIN", str(16 * 1024))
+    out, lse, grads = _run_emulated(emu_lib, q, k, v, w, g, grid, go, scale)
+    out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, go.float())
+    assert_within_reference_rule("out", out, out64, ref_err_out, dtype, gradient=False)
+    for name, t, idx in zip(("grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_gating"), grads, (0, 1, 2, 3, 5)):
+        assert_within_reference_rule(name, t, grads64[idx], ref_err_grads[idx], dtype, gradient=True)
+    # Other kernels ran: their fp32 sums round differently somewhere.
+    assert not (torch.equal(out, out_w) and all(torch.equal(x, y) for x, y in zip(grads, grads_w)))

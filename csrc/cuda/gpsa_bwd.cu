@@ -317,7 +317,7 @@ cudaError_t bwd_typed(const GpsaBwdParams& p, cudaStream_t stream) {
   }
   if (err != cudaSuccess) return err;
   // One partial per dQ CTA: 64 query rows in the whole-row tensor-core kernel, kBwdBlockM otherwise.
-  const int rows_per_cta = tensor_cores && p.N <= kWholeRowMaxN ? kRows64 : kBwdBlockM;
+  const int rows_per_cta = tensor_cores && bwd_mma_takes_rows64(p.N, p.D, sizeof(T)) ? kRows64 : kBwdBlockM;
   const int64_t num_partials = int64_t(p.B) * ceil_div(p.N, rows_per_cta);
   gpsa_bwd_reduce_kernel<Acc><<<p.H, kThreads, 0, stream>>>(a.partials, num_partials, a.gating,
                                                             static_cast<Acc*>(p.grad_pos_weight),

@@ -726,9 +726,13 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_rows64_kernel(BwdArgs<
 #endif
 }
 
+bool bwd_mma_takes_rows64(int N, int D, size_t elem) {
+  return N <= kWholeRowMaxN && BwdRows64Smem(ceil_div(N, 16) * 16, D, elem).total <= device_max_smem_optin();
+}
+
 template <typename T>
 cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream) {
-  if (a.N <= kWholeRowMaxN) {  // the whole-row kernels; the dK/dV kernel reads the dQ kernel's Delta_c
+  if (bwd_mma_takes_rows64(a.N, a.D, sizeof(T))) {  // whole-row; the dK/dV kernel reads the dQ kernel's Delta_c
     const dim3 grid(ceil_div(a.N, kRows64), a.H, a.B);
     const size_t smem = BwdRows64Smem(ceil_div(a.N, 16) * 16, a.D, sizeof(T)).total;
     cudaError_t err = a.D <= 64 ? launch_with_smem(gpsa_bwd_dq_rows64_kernel<T, 4>, grid, smem, stream, a)

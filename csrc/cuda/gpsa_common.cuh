@@ -174,6 +174,16 @@ inline bool device_is_sm80_or_newer() {
   return major >= 8;
 }
 
+// Shared memory one block may opt in to on the current device (sm_80: 163 KB, sm_86/89: 99 KB,
+// sm_90: 227 KB); 0 if it cannot be read. The whole-row kernels keep every key (or query) row in
+// shared memory and are chosen only where they fit.
+inline size_t device_max_smem_optin() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
+  return size_t(bytes);
+}
+
 // ---- tensor cores (WMMA m16n16k16, fp32 accumulation), sm_80+ for bf16 ----
 namespace wmma = nvcuda::wmma;
 using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -287,6 +297,9 @@ struct BwdArgs {
 // D % 16 == 0 on sm_80+: the same outputs, workspaces and partial sums as the SIMT kernels.
 template <typename T>
 cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream);
+// Whether bwd_mma_launch takes the 64-row whole-row kernels (N <= kWholeRowMaxN and their shared
+// memory fits the device); the dQ CTAs, hence the partial sums, then cover kRows64 rows each.
+bool bwd_mma_takes_rows64(int N, int D, size_t elem);
 
 }  // namespace detail
 }  // namespace cuda

@@ -452,9 +452,9 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.N, kBlockM), p.H, p.B);
   if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
     if (p.D % 16 == 0 && device_is_sm80_or_newer()) {
-      if (p.N <= kWholeRowMaxN) {
+      const size_t smem = Rows64Smem(ceil_div(p.N, 16) * 16, p.D, sizeof(T)).total;
+      if (p.N <= kWholeRowMaxN && smem <= device_max_smem_optin()) {  // else the tiled kernel (any N)
         const dim3 grid64(ceil_div(p.N, kRows64), p.H, p.B);
-        const size_t smem = Rows64Smem(ceil_div(p.N, 16) * 16, p.D, sizeof(T)).total;
         if (p.D <= 64) return launch_with_smem(gpsa_fwd_rows64_mma_kernel<T, 4>, grid64, smem, stream, a);
         return launch_with_smem(gpsa_fwd_rows64_mma_kernel<T, 8>, grid64, smem, stream, a);
       }

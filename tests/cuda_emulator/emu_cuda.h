@@ -53,11 +53,21 @@ struct alignas(16) uint4 {
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
-enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 inline cudaError_t cudaGetDevice(int* device) { *device = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = 9;  // an sm_90 device: the tensor-core paths are taken
-  return cudaSuccess;
+// An sm_90 device (the tensor-core paths are taken) with 227 KB of opt-in shared memory per block;
+// EMU_MAX_SMEM_OPTIN (bytes) overrides that, e.g. to take the paths a smaller GPU gets.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrComputeCapabilityMajor) {
+    *value = 9;
+    return cudaSuccess;
+  }
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    const char* env = std::getenv("EMU_MAX_SMEM_OPTIN");
+    *value = env != nullptr ? std::atoi(env) : 227 * 1024;
+    return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 // 16-bit floats with the storage and round-to-nearest-even of the real types (torch tensors of
