@@ -65,8 +65,8 @@ def _glue_command(tmp, nvcc):
     except Exception as err:  # noqa: BLE001
         return None, f"torch is not importable: {err}"
     include_paths = cpp_extension.include_paths()
-    if not any((pathlib.Path(p) / "c10" / "cuda" / "CUDAStream.h").exists() for p in include_paths):
-        return None, "the installed torch ships no c10/cuda headers (a CPU build of torch)"
+    if not any((pathlib.Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in include_paths):
+        return None, "the installed torch is a CPU build (no c10/cuda/impl/cuda_cmake_macros.h); CI checks the glue with its CUDA torch"
     cuda_include = _find_cuda_include(nvcc, cpp_extension.CUDA_HOME)
     if cuda_include is None:
         return None, "no CUDA include directory with cuda_runtime_api.h found"
