@@ -41,7 +41,7 @@ except ModuleNotFoundError as _err:  # matplotlib is in the [analysis] extra, no
         raise
     plots = None
 from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
-from .locality import attention_centers, layer_locality_stats, nonlocality
+from .locality import attention_centers, layer_inputs, layer_locality_stats, nonlocality
 from .models import GPSA, MODEL_CONFIGS, ConViT, create_model
 
 __all__ = ["main", "run", "build_parser", "infer_model_kwargs", "build_model", "load_images", "gpsa_maps",
@@ -245,20 +245,6 @@ def gpsa_maps(attn: GPSA, x: torch.Tensor) -> dict:
             "mixed": gpsa_attention_probs(q, k, w, b, g, grid, attn.scale)}
 
 
-def _layer_inputs(model: ConViT, images: torch.Tensor) -> dict:
-    captured, hooks = {}, []
-    for layer, block in enumerate(model.blocks):
-        if isinstance(block.attn, GPSA):
-            hooks.append(block.attn.register_forward_pre_hook(
-                lambda mod, args, layer=layer: captured.__setitem__(layer, args[0])))
-    try:
-        model(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
-
-
 def _keyed(d: Mapping) -> dict:
     return {str(k): v for k, v in d.items()}
 
@@ -281,7 +267,7 @@ def analyze_model(model: ConViT, images: torch.Tensor, query=None, image_index: 
     if not 0 <= image_index < images.shape[0]:
         raise ValueError(f"--image-index {image_index} is outside the {images.shape[0]} images")
     stats = layer_locality_stats(model, images)
-    inputs = _layer_inputs(model, images)
+    inputs = layer_inputs(model, images, gpsa_only=True)
     q_idx = qr * cols + qc
     maps, nl_parts, gates, centers, strengths = {}, {"positional": {}, "content": {}}, {}, {}, {}
     for layer, x in inputs.items():

@@ -1,15 +1,31 @@
-"""Locality metrics of ConViT (d'Ascoli et al., 2021, section 4): one home for the math.
+"""Locality of a ConViT (d'Ascoli et al., 2021, section 4): one home for the analysis of attention.
 
-- nonlocality: the attention-weighted mean query-key distance, in patches, per head.
-- attention centre and locality strength of a positional head, from ``pos_proj``.
+- ``nonlocality``: the attention-weighted mean query-key distance, in patches, per head;
+  ``attention_map_nonlocality``: the same metric as the official ``get_attention_map`` computes it.
+- ``patch_attention``: attention restricted to the patch tokens (a leading class token dropped, the
+  rows renormalised), the form every metric here reads.
+- ``layer_inputs``: what each block's attention sees in the model's own forward pass.
+- ``attention_centers``: centre and locality strength of a positional head, from ``pos_proj``.
+- ``layer_locality_stats``: the per-layer fields of the official training log.
+
+Imports run one way: this module reads the model (it imports ``convit.models``) and
+``convit.models`` never imports it at module load. The official methods ``GPSA.get_attention_map``
+and ``MHSA.get_attention_map`` stay on the modules for code written against the official
+repository, as thin calls that import ``attention_map_nonlocality`` from here when first called;
+by then both modules are loaded, so there is no import cycle, and the metric has this one home.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from convit_kernels.reference import relative_indices
 
-__all__ = ["nonlocality", "grid_distances", "attention_centers", "layer_locality_stats"]
+from .models import GPSA
+
+__all__ = ["nonlocality", "grid_distances", "patch_attention", "attention_map_nonlocality", "layer_inputs",
+           "attention_centers", "layer_locality_stats"]
 
 
 def grid_distances(rows: int, cols: int, device=None) -> torch.Tensor:
@@ -28,6 +44,69 @@ def nonlocality(attn: torch.Tensor, grid_size) -> torch.Tensor:
         attn = attn.unsqueeze(0)
     dist = grid_distances(*grid_size, device=attn.device)
     return (attn.double() * dist).sum(-1).mean(dim=(0, 2))
+
+
+def patch_attention(attn: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """Attention (..., N, N) restricted to the last ``n_patches`` tokens, the patches.
+
+    With N == n_patches it is ``attn`` itself. Otherwise the leading tokens (the class token) are
+    dropped as queries and as keys and each row is renormalised to sum to one, so that the result
+    is again a distribution over the patches.
+    """
+    if attn.shape[-1] == n_patches:
+        return attn
+    attn = attn[..., -n_patches:, -n_patches:]
+    return attn / attn.sum(-1, keepdim=True)
+
+
+def _square_grid(n_tokens: int):
+    """(side, side) of the patch grid of ``n_tokens`` tokens: all of them, or all but a leading class token."""
+    for n in (n_tokens, n_tokens - 1):
+        side = math.isqrt(max(n, 0))
+        if n >= 1 and side * side == n:
+            return side, side
+    raise ValueError(f"{n_tokens} tokens are neither a square grid of patches nor a class token and one: "
+                     "pass grid_size=(rows, cols)")
+
+
+def attention_map_nonlocality(attn: torch.Tensor, grid_size=None, return_map: bool = False):
+    """The metric of the official ``get_attention_map``: per-head nonlocality of the batch-mean map.
+
+    ``attn``: (B, H, N, N) attention over all N tokens. ``grid_size``: (rows, cols) of the patch
+    tokens, the last ``rows * cols`` of the N; None for a square grid of all N tokens or, when N is
+    not a square, of the N - 1 after a leading class token. Returns the nonlocality (H,) in
+    ``attn``'s dtype and, with ``return_map``, also the batch-mean attention over the patches
+    (H, P, P), P = rows * cols (rows renormalised when a class token was dropped).
+    """
+    attn_map = attn.mean(0)
+    rows, cols = _square_grid(attn_map.shape[-1]) if grid_size is None else grid_size
+    attn_map = patch_attention(attn_map, rows * cols)
+    dist = nonlocality(attn_map, (rows, cols)).to(attn_map.dtype)
+    return (dist, attn_map) if return_map else dist
+
+
+@torch.no_grad()
+def layer_inputs(model, images: torch.Tensor, gpsa_only: bool = False) -> dict:
+    """The input (B, N, dim) of each block's attention in one eval-mode forward pass of ``images``.
+
+    Returns ``{layer: x}`` in block order; with ``gpsa_only``, only the GPSA layers. The model's
+    training mode is restored afterwards, and the capturing hooks removed, even if the pass fails.
+    """
+    captured, hooks = {}, []
+    was_training = model.training
+    try:
+        for layer, block in enumerate(model.blocks):
+            if gpsa_only and not isinstance(block.attn, GPSA):
+                continue
+            hooks.append(block.attn.register_forward_pre_hook(
+                lambda module, args, layer=layer: captured.__setitem__(layer, args[0])))
+        model.eval()
+        model(images)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return captured
 
 
 def attention_centers(pos_weight: torch.Tensor):
@@ -56,32 +135,11 @@ def layer_locality_stats(model, images: torch.Tensor) -> dict:
     "distances": {layer: [per head]}, "gating_params": {layer: [per head]}}``, the fields the
     official training log records; distances and gates only for GPSA layers.
     """
-    from .models import GPSA
-
-    captured = {}
-    hooks = []
-    for layer, block in enumerate(model.blocks):
-        def hook(module, args, layer=layer):
-            captured[layer] = args[0]
-        hooks.append(block.attn.register_forward_pre_hook(hook))
-    try:
-        was_training = model.training
-        model.eval()
-        model(images)
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
     rows, cols = model.patch_embed.grid_size
-    n_patches = rows * cols
     stats = {"nonlocality": {}, "distances": {}, "gating_params": {}}
-    for layer, block in enumerate(model.blocks):
-        attn_mod, x = block.attn, captured[layer]
-        if isinstance(attn_mod, GPSA):
-            attn = attn_mod.get_attention(x)
-        else:
-            attn = attn_mod.get_attention(x)[..., -n_patches:, -n_patches:]
-            attn = attn / attn.sum(-1, keepdim=True)
+    for layer, x in layer_inputs(model, images).items():
+        attn_mod = model.blocks[layer].attn
+        attn = patch_attention(attn_mod.get_attention(x), rows * cols)
         stats["nonlocality"][layer] = nonlocality(attn, (rows, cols)).tolist()
         if isinstance(attn_mod, GPSA):
             stats["distances"][layer] = attention_centers(attn_mod.pos_proj.weight)[1].tolist()

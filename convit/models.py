@@ -7,6 +7,10 @@ Reads top to bottom: layers, the two attention kinds (GPSA, MHSA), the block, th
 registered variants of the paper's Table 1. Parameter names and shapes follow the official code
 exactly, so official and timm checkpoints load with ``strict=True``; GPSA keeps no buffer (the
 fused kernels form relative positions from row/column indices).
+
+Analysis of a trained model (nonlocality, attention centres, the inputs each layer sees) lives in
+``convit.locality``, which reads this module and is never imported by it at load time; the
+official ``get_attention_map`` methods below are thin calls into it.
 """
 from __future__ import annotations
 
@@ -20,8 +24,6 @@ import torch.nn.functional as F
 import convit_kernels as ck
 from convit_kernels.backends import KNOWN_BACKENDS
 from convit_kernels.reference import gpsa_attention_probs
-
-from .locality import nonlocality
 
 __all__ = ["PatchEmbed", "Mlp", "DropPath", "GPSA", "MHSA", "Block", "ConViT", "create_model",
            "list_models", "MODEL_CONFIGS"]
@@ -162,10 +164,14 @@ class GPSA(nn.Module):
                                     self._grid(x.shape[1]), self.scale)
 
     def get_attention_map(self, x, return_map=False):
-        """Per-head nonlocality (H,) on ``x``; with ``return_map`` also the batch-mean attention (H, N, N)."""
-        attn_map = self.get_attention(x).mean(0)
-        dist = nonlocality(attn_map, self._grid(x.shape[1])).to(attn_map.dtype)
-        return (dist, attn_map) if return_map else dist
+        """Per-head nonlocality (H,) on ``x``; with ``return_map`` also the batch-mean attention (H, N, N).
+
+        The official method, kept for code written against it; the metric is
+        ``convit.locality.attention_map_nonlocality`` (imported on call: see that module).
+        """
+        from .locality import attention_map_nonlocality
+
+        return attention_map_nonlocality(self.get_attention(x), self._grid(x.shape[1]), return_map)
 
     @torch.no_grad()
     def local_init(self, locality_strength=1.0):
@@ -215,16 +221,14 @@ class MHSA(nn.Module):
         return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
 
     def get_attention_map(self, x, return_map=False):
-        """Per-head nonlocality (H,) over the patch tokens (the last N - 1 if a class token leads)."""
-        attn = self.get_attention(x).mean(0)
-        n = attn.shape[-1]
-        side = math.isqrt(n)
-        if side * side != n:
-            side, n = math.isqrt(n - 1), n - 1
-            attn = attn[:, 1:, 1:]
-            attn = attn / attn.sum(-1, keepdim=True)
-        dist = nonlocality(attn, (side, side)).to(attn.dtype)
-        return (dist, attn) if return_map else dist
+        """Per-head nonlocality (H,) over the patch tokens (the last N - 1 if a class token leads).
+
+        The official method, kept for code written against it; the metric is
+        ``convit.locality.attention_map_nonlocality`` (imported on call: see that module).
+        """
+        from .locality import attention_map_nonlocality
+
+        return attention_map_nonlocality(self.get_attention(x), None, return_map)
 
 
 class Block(nn.Module):

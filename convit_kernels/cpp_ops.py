@@ -22,7 +22,7 @@ except Exception as _err:  # noqa: BLE001
         "build it with `pip install --no-build-isolation -e .`"
     ) from _err
 
-__all__ = ["gpsa_fwd", "gpsa_bwd", "gpsa_cpp", "built_with_cuda"]
+__all__ = ["gpsa_fwd", "gpsa_bwd", "gpsa_extension_op", "built_with_cuda"]
 
 _ops = torch.ops.convit_kernels
 gpsa_fwd = _ops.gpsa_fwd
@@ -99,7 +99,7 @@ class _ZeroGradFor(torch.autograd.Function):
         return grad_out, grad_out.new_zeros(shape, dtype=dtype)
 
 
-def gpsa_cpp(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
+def gpsa_extension_op(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
     """Backend function of "cpu" and "cuda": GPSA through ``torch.ops.convit_kernels.gpsa_fwd``.
 
     Arguments as validated by ``convit_kernels.validate_gpsa_inputs``; returns (B, H, N, D) in q's
@@ -140,7 +140,7 @@ def _probe_cuda(device_type: str):
 
 register_backend(Backend(
     name="cpu",
-    fn=gpsa_cpp,
+    fn=gpsa_extension_op,
     device_types=("cpu",),
     probe=_probe_cpu,
     auto_rank=lambda dev: 10 if dev == "cpu" else None,
@@ -149,7 +149,7 @@ register_backend(Backend(
 
 register_backend(Backend(
     name="cuda",
-    fn=gpsa_cpp,
+    fn=gpsa_extension_op,
     device_types=("cuda",),
     probe=_probe_cuda,
     auto_rank=None,

@@ -24,7 +24,7 @@ PyObject* PyInit__C(void) {
 }
 
 namespace convit_kernels::cpu {
-std::string cpu_isa();  // csrc/cpu/gpsa_cpu_common.cpp
+std::string cpu_isa();  // csrc/cpu/gpsa_cpu_rows.cpp
 }
 
 namespace {

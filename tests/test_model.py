@@ -1,5 +1,7 @@
 """The ConViT model: official parameter counts, keys, init, grids, checkpoints, swap_gpsa."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn as nn
 
 import convit
 from convit.checkpoint import resize_pos_embed
-from convit.locality import attention_centers
+from convit.locality import attention_centers, layer_inputs, layer_locality_stats, nonlocality
 from convit.models import GPSA, MHSA
 
 # DESIGN.md, Table 1 column "params (official code)".
@@ -124,6 +126,42 @@ def test_attention_maps_and_nonlocality():
     torch.testing.assert_close(amap.sum(-1), torch.ones(4, 20))
     mh = MHSA(32, 4)
     assert mh.get_attention_map(torch.randn(2, 17, 32)).shape == (4,)  # class token + 4 x 4 patches
+
+
+def test_attention_map_drops_the_class_token_and_renormalises():
+    mh = MHSA(32, 4)
+    x = torch.randn(2, 17, 32)  # class token + 4 x 4 patches
+    dist, amap = mh.get_attention_map(x, return_map=True)
+    want = mh.get_attention(x).mean(0)[:, 1:, 1:]
+    want = want / want.sum(-1, keepdim=True)
+    torch.testing.assert_close(amap, want, rtol=0, atol=0)
+    torch.testing.assert_close(dist, nonlocality(want, (4, 4)).float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="neither a square grid"):
+        mh.get_attention_map(torch.randn(2, 19, 32))
+
+
+def test_layer_inputs_are_what_each_attention_sees():
+    model = tiny().train()
+    images = torch.randn(3, 3, 16, 20)
+    inputs = layer_inputs(model, images)
+    assert list(inputs) == [0, 1, 2, 3] and model.training  # mode restored
+    assert all(not block.attn._forward_pre_hooks for block in model.blocks)  # hooks removed
+    assert [tuple(x.shape) for x in inputs.values()] == [(3, 20, 32)] * 3 + [(3, 21, 32)]  # class token joins
+    with torch.no_grad():
+        model.eval()
+        first = model.blocks[0].norm1(model.patch_embed(images) + model.pos_embed)
+    torch.testing.assert_close(inputs[0], first)
+    gpsa = layer_inputs(model, images, gpsa_only=True)
+    assert list(gpsa) == [0, 1, 2]
+    stats = layer_locality_stats(model, images)
+    assert set(stats["nonlocality"]) == {0, 1, 2, 3} and set(stats["gating_params"]) == {0, 1, 2}
+
+
+def test_model_module_does_not_import_the_analysis():
+    # convit.locality reads the model; the model must load without it (no import cycle).
+    code = "import sys, convit.models; assert 'convit.locality' not in sys.modules, sorted(sys.modules); print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
 
 def _save(obj, tmp_path, name="ckpt.pth"):

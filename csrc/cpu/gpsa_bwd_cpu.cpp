@@ -10,6 +10,8 @@
 // (no atomics).
 #include "gpsa_cpu.h"
 
+#include "../gpsa_checks.h"
+
 #include <ATen/OpMathType.h>
 
 #include <cmath>
@@ -121,19 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& pos_weight, const at::Tensor& gating, const at::Tensor& lse, int64_t rows, int64_t cols,
     double scale) {
-  check_common("gpsa_bwd", q_in, k_in, v_in, pos_weight, gating, rows, cols);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "gpsa_bwd: scale must be finite; got ", scale);
-  TORCH_CHECK_VALUE(grad_out.sizes() == q_in.sizes(), "gpsa_bwd: grad_out must have the shape of q ", q_in.sizes(),
-                    "; got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q_in.scalar_type(), "gpsa_bwd: grad_out must have the dtype of q (",
-                   q_in.scalar_type(), "); got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device().is_cpu() && lse.device().is_cpu(),
-                    "gpsa_bwd (CPU kernel): grad_out and lse must be CPU tensors");
+  check_gpsa_args("gpsa_bwd", at::kCPU, q_in, k_in, v_in, pos_weight, gating, rows, cols, scale);
+  check_gpsa_bwd_args(at::kCPU, grad_out, lse, q_in, pos_weight);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
-                    "gpsa_bwd: lse must have shape (B, H, N) = (", B, ", ", H, ", ", N, "); got ", lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == pos_weight.scalar_type(), "gpsa_bwd: lse must be ",
-                   pos_weight.scalar_type(), "; got ", lse.scalar_type());
   const at::Tensor q = rows_usable(q_in), k = rows_usable(k_in), v = rows_usable(v_in);
   const at::Tensor g = rows_usable(grad_out);
   const at::Tensor l = lse.contiguous();

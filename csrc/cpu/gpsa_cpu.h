@@ -1,4 +1,8 @@
 // Shared pieces of the fused GPSA CPU kernels (forward: gpsa_fwd_cpu.cpp, backward: gpsa_bwd_cpu.cpp).
+// The files, one role each: gpsa_cpu_matmul.cpp (the matrix products), gpsa_cpu_rows.cpp (the portable
+// row kernels, their exp polynomial, and cpu_isa: which row kernels run), gpsa_rows_avx512.cpp (the
+// AVX-512 row kernels), gpsa_cpu_pos_table.cpp (the positional probabilities), gpsa_cpu_scratch.cpp
+// (per-thread scratch memory), gpsa_cpu_ops.cpp (the CPU registration of the ops).
 //
 // Layout of the work: one task owns (batch b, head h, a block of query rows) and keeps whole key
 // rows of scores in a local buffer (N up to a few thousand fits). The matrix products of a block
@@ -72,7 +76,7 @@ constexpr int64_t kSumChunk = 128;
 // The float row kernels and transpose tiles have AVX-512 versions (gpsa_rows_avx512.cpp) on x86-64
 // with GCC or Clang. cpu_isa() says which ones run: "avx512" where the CPU has AVX-512 F and DQ, else
 // (or with CONVIT_KERNELS_CPU_PORTABLE=1 in the environment, read once) "portable": the loops of
-// gpsa_cpu_common.cpp, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// gpsa_cpu_rows.cpp, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CONVIT_HAVE_AVX512_ROWS 1
 #else
@@ -119,10 +123,8 @@ struct PosRows {
 template <typename T>
 PosRows<T> make_pos_rows(const at::Tensor& pos_weight, int64_t rows, int64_t cols, bool with_means);
 
-// Validates the arguments shared by gpsa_fwd and gpsa_bwd (names the argument on failure) and
-// returns q, k, v usable by the kernels (last dim contiguous, row stride >= D).
-void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols);
+// t itself, or a copy, usable by the kernels: last dim contiguous, row stride >= D (gpsa_cpu_ops.cpp;
+// the argument checks are csrc/gpsa_checks.h, shared with the CUDA glue).
 at::Tensor rows_usable(const at::Tensor& t);
 
 // A (rows x D) block with row stride ld as the accumulation type A: the block itself when T is A,
@@ -146,7 +148,7 @@ inline void store_rows(const A* src, int64_t rows, int64_t D, T* dst, int64_t ld
 }
 
 // dst (cols x rows, row stride ldd) = alpha * src^T, src (rows x cols, row stride lds), converted to
-// Dst. The float -> float overload (gpsa_cpu_common.cpp) moves 16 x 16 tiles through AVX-512
+// Dst. The float -> float overload (gpsa_cpu_rows.cpp) moves 16 x 16 tiles through AVX-512
 // registers when cpu_isa() is "avx512"; this template is the plain loop for the other types.
 template <typename Src, typename Dst>
 inline void transpose_copy(const Src* src, int64_t rows, int64_t cols, int64_t lds, Dst* dst, int64_t ldd,

@@ -7,6 +7,8 @@
 // Nothing of size N x N outlives the task; P_pos is shared by the whole batch (gpsa_cpu.h).
 #include "gpsa_cpu.h"
 
+#include "../gpsa_checks.h"
+
 #include <ATen/OpMathType.h>
 
 #include <cmath>
@@ -78,8 +80,7 @@ void gpsa_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, const at::Tensor& pos_weight,
                                                 const at::Tensor& gating, int64_t rows, int64_t cols, double scale) {
-  check_common("gpsa_fwd", q_in, k_in, v_in, pos_weight, gating, rows, cols);
-  TORCH_CHECK_VALUE(std::isfinite(scale), "gpsa_fwd: scale must be finite; got ", scale);
+  check_gpsa_args("gpsa_fwd", at::kCPU, q_in, k_in, v_in, pos_weight, gating, rows, cols, scale);
   const at::Tensor q = rows_usable(q_in), k = rows_usable(k_in), v = rows_usable(v_in);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, N, H, D}, q.options());

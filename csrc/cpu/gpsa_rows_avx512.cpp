@@ -3,7 +3,7 @@
 // built for baseline x86-64) and chosen at run time by cpu_isa(). At ConViT's N = 196 a row is 12
 // vectors and a tail; GCC's auto-vectorised loops spent as long in masked tails, serial lane-by-lane
 // reductions and clamp blends as in the arithmetic. Same formulas as the portable loops in
-// gpsa_cpu_common.cpp (the same exp polynomial, float sums over chunks of kSumChunk elements added in
+// gpsa_cpu_rows.cpp (the same exp polynomial, float sums over chunks of kSumChunk elements added in
 // double), so both paths agree to rounding; tests run both (CONVIT_KERNELS_CPU_PORTABLE=1).
 #include "gpsa_cpu.h"
 
@@ -20,7 +20,7 @@
 namespace convit_kernels::cpu::avx512 {
 namespace {
 
-// exp_approx of gpsa_cpu_common.cpp on 16 lanes: clamp to [-87, 88] (NaN propagates: max/min return
+// exp_approx of gpsa_cpu_rows.cpp on 16 lanes: clamp to [-87, 88] (NaN propagates: max/min return
 // their second operand when it is NaN), Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial,
 // and the power of two applied by vscalefps.
 CONVIT_AVX512_INLINE __m512 exp16(__m512 x) {
