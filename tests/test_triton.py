@@ -298,6 +298,7 @@ def test_index_range_is_checked_before_launch():
 
 _SYMBOLIC_TRACE = r'''
 import torch
+import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 import convit_kernels  # noqa: F401 - registers the ops
 from convit_kernels import triton_fwd
@@ -322,14 +323,47 @@ for N, D, dtype, block_n, split_d in [(196, 48, torch.bfloat16, 0, False), (196,
     assert any(isinstance(s, torch.SymInt) for s in out.shape), out.shape
     targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert {"convit_kernels.gpsa_fwd_triton.default", "convit_kernels.gpsa_bwd_triton.default"} <= targets, targets
+
+# torch.compile(dynamic=True): aot_dispatch_dynamic decomposes the triton_ops into
+# triton_kernel_wrapper_functional nodes whose grids and int arguments are SymInts. The captured
+# graph is never run (no GPU): the backend stops after tracing.
+from torch._dynamo.backends.common import aot_autograd
+
+class Traced(Exception):
+    pass
+
+graphs = []
+def capture(gm, example_inputs):
+    graphs.append(gm)
+    def stop(*args):
+        raise Traced
+    return stop
+
+for N, D, dtype, split_d in [(196, 48, torch.bfloat16, True), (577, 128, torch.float32, False)]:
+    q, k, v, w, b, g, grid = make_gpsa_inputs(2, 3, N, D, GRIDS[N], dtype=dtype, layout="bnhd")
+    fwd = step(0, split_d, *grid)
+    compiled = torch.compile(lambda *a: fwd(*a)[0], backend=aot_autograd(fw_compiler=capture), dynamic=True,
+                             fullgraph=True)
+    try:
+        compiled(q, k, v, w, b, g)
+    except Traced:
+        pass
+    gm = graphs[-1]
+    wrappers = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(wrappers) >= 4, gm.code  # pos stats + forward + pos stats + dq + dkv
+    # N and the grids stay symbolic (graph nodes), not constants specialized to this call
+    assert all(isinstance(n.kwargs["kwargs"]["N"], torch.fx.Node) for n in wrappers), gm.code
+    assert all(any(isinstance(x, torch.fx.Node) for x in n.kwargs["grid"][0]) for n in wrappers), gm.code
 print("traced")
 '''
 
 
 def test_launchers_trace_with_symbolic_shapes():
-    """make_fx(tracing_mode="symbolic") of both registered ops: the launchers get SymInts (as under
-    torch.compile's aot_dispatch_dynamic) and must choose paths, chunk widths and constexprs from
-    them without a kernel launch. In a subprocess without TRITON_INTERPRET, as on a GPU."""
+    """make_fx(tracing_mode="symbolic") of both registered ops, and torch.compile(dynamic=True) down
+    to aot_dispatch_dynamic's graph of triton_kernel_wrapper nodes: the launchers get SymInts and
+    must choose paths, chunk widths and constexprs from them. Nothing is launched (the compile
+    backend stops after tracing). In a subprocess without TRITON_INTERPRET, as on a GPU; what needs
+    a GPU (Triton's mutation analysis, inductor's launch) is tests/test_triton_gpu.py's."""
     import os
     import subprocess
     import sys
