@@ -5,7 +5,7 @@
     >>> convit.load_checkpoint(model, "convit_small.pth")      # official, timm or ours
     >>> convit.swap_gpsa(timm_model, backend="triton")          # speed up a model you already have
 """
-from .checkpoint import load_checkpoint
+from .weights import load_checkpoint
 from .models import ConViT, GPSA, MHSA, create_model, list_models
 from .swap import swap_gpsa
 

@@ -232,7 +232,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """
     given = vars(build_parser().parse_args(argv))
     if given.get("resume"):
-        from .checkpointing import load_training_checkpoint, resume_path
+        from .train_state import load_training_checkpoint, resume_path
         saved = load_training_checkpoint(resume_path(given["resume"]), mmap=True)["config"]
         return resolve_resumed(given, saved)
     return resolve(given)

@@ -19,8 +19,8 @@ from PIL import Image
 from . import transforms as T
 
 __all__ = ["IMG_EXTENSIONS", "DataBundle", "DigitsDataset", "ImageFolderDataset", "SyntheticDataset",
-           "scan_image_folder", "subsample_per_class", "load_digits_split", "collate", "build_datasets",
-           "UnreadableImageError", "verify_images"]
+           "scan_image_folder", "subsample_per_class", "load_digits_split", "digits_normalize", "collate",
+           "build_datasets", "UnreadableImageError", "verify_images", "sample_images"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -66,6 +66,11 @@ def load_digits_split(val_fraction: float = 0.2, split_seed: int = 0):
                                           random_state=split_seed)
     idx_train, idx_val = torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val))
     return x[idx_train], y[idx_train], x[idx_val], y[idx_val]
+
+
+def digits_normalize(x_train: torch.Tensor) -> T.Normalize:
+    """The digits' normalisation: by the mean and std of the training images (one channel)."""
+    return T.Normalize([x_train.mean().item()], [x_train.std().item()])
 
 
 def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
@@ -252,12 +257,54 @@ def build_datasets(config) -> DataBundle:
         if config.input_size not in (None, 8):
             raise ValueError(f"--input-size: the digits are 8x8 images; got {config.input_size}")
         x_train, y_train, x_val, y_val = load_digits_split()
-        mean, std = x_train.mean().item(), x_train.std().item()
-        train_tf = T.Compose([T.RandomShift(config.digits_shift), T.Normalize([mean], [std])])
-        train = DigitsDataset(x_train, y_train, train_tf)
-        val = DigitsDataset(x_val, y_val, T.Normalize([mean], [std]))
+        normalize = digits_normalize(x_train)
+        train = DigitsDataset(x_train, y_train, T.Compose([T.RandomShift(config.digits_shift), normalize]))
+        val = DigitsDataset(x_val, y_val, normalize)
         bundle = DataBundle("digits", train, val, 10, 1, 8)
     if config.sampling_ratio < 1.0:
         bundle.train = _Subset(bundle.train, subsample_per_class(bundle.train.targets, config.sampling_ratio,
                                                                  seed=config.seed))
     return bundle
+
+
+def sample_images(data_path: Optional[str] = None, num_images: int = 32, img_size=(8, 8),
+                  in_chans: int = 1) -> torch.Tensor:
+    """(num_images, in_chans, H, W) float32 images to look at a model with, as its evaluation sees them.
+
+    From an ImageFolder directory (its ``val/`` part if it has one; the training code's scan and
+    extensions), picks spread evenly over the sorted files so that every class shows, each through
+    the evaluation transform at ``img_size`` (an int or (H, W)); or, with no ``data_path``, the
+    first validation digits of the training split, normalised as training normalises them. Images
+    whose channels differ from ``in_chans`` are repeated (grey to colour) or averaged (colour to
+    grey); images of another size are resized bilinearly. A file that cannot be decoded raises
+    ``UnreadableImageError``.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1; got {num_images}")
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if data_path is None:
+        x_train, _, x_val, _ = load_digits_split()
+        x = digits_normalize(x_train)(x_val[:num_images])
+    else:
+        if not os.path.isdir(data_path):
+            raise FileNotFoundError(f"--data-path {str(data_path)!r} does not exist or is not a directory")
+        root = os.path.join(data_path, "val") if os.path.isdir(os.path.join(data_path, "val")) else data_path
+        samples, classes = scan_image_folder(root)
+        picks = samples[::max(len(samples) // num_images, 1)][:num_images]
+        images = ImageFolderDataset(picks, classes, T.eval_transform(size))
+        loaded = [images[i] for i in range(len(images))]
+        bad = [path for _, _, path in loaded if path is not None]
+        if bad:
+            raise UnreadableImageError(f"{len(bad)} of the {len(picks)} images picked cannot be read: "
+                                       + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+        x = torch.stack([img for img, _, _ in loaded])
+    if x.shape[1] != in_chans:
+        if x.shape[1] == 1:
+            x = x.expand(-1, in_chans, -1, -1).contiguous()
+        elif in_chans == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise ValueError(f"images have {x.shape[1]} channels; the model takes {in_chans}")
+    if tuple(x.shape[-2:]) != size:
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x

@@ -7,6 +7,7 @@
 - ``layer_inputs``: what each block's attention sees in the model's own forward pass.
 - ``attention_centers``: centre and locality strength of a positional head, from ``pos_proj``.
 - ``layer_locality_stats``: the per-layer fields of the official training log.
+- ``gpsa_maps``: a GPSA layer's positional, content and mixed attention, from the reference.
 
 Imports run one way: this module reads the model (it imports ``convit.models``) and
 ``convit.models`` never imports it at module load. The official methods ``GPSA.get_attention_map``
@@ -20,12 +21,12 @@ import math
 
 import torch
 
-from convit_kernels.reference import relative_indices
+from convit_kernels.reference import gpsa_attention_probs, relative_indices
 
 from .models import GPSA
 
 __all__ = ["nonlocality", "grid_distances", "patch_attention", "attention_map_nonlocality", "layer_inputs",
-           "attention_centers", "layer_locality_stats"]
+           "attention_centers", "layer_locality_stats", "gpsa_maps"]
 
 
 def grid_distances(rows: int, cols: int, device=None) -> torch.Tensor:
@@ -145,3 +146,19 @@ def layer_locality_stats(model, images: torch.Tensor) -> dict:
             stats["distances"][layer] = attention_centers(attn_mod.pos_proj.weight)[1].tolist()
             stats["gating_params"][layer] = attn_mod.gating_param.detach().double().tolist()
     return stats
+
+
+def gpsa_maps(attn: GPSA, x: torch.Tensor) -> dict:
+    """Attention maps of a GPSA layer on its input ``x`` (B, N, C): {"positional": (1, H, N, N)
+    (it does not depend on the input), "content": (B, H, N, N), "mixed": (B, H, N, N)}.
+
+    All three come from the reference ``gpsa_attention_probs``: the gate at +inf gives the purely
+    positional softmax, at -inf the purely content one, and the layer's own gate the mixture.
+    """
+    q, k, _ = attn._qkv(x)
+    grid = attn._grid(x.shape[1])
+    w, b, g = attn.pos_proj.weight, attn.pos_proj.bias, attn.gating_param
+    inf = torch.full_like(g, math.inf)
+    return {"positional": gpsa_attention_probs(q[:1], k[:1], w, b, inf, grid, attn.scale),  # batch-invariant
+            "content": gpsa_attention_probs(q, k, w, b, -inf, grid, attn.scale),
+            "mixed": gpsa_attention_probs(q, k, w, b, g, grid, attn.scale)}

@@ -11,6 +11,9 @@ cropping (``bbox_inches`` is left alone: the pixel size is exactly ``size_in_inc
 3. ``plot_nonlocality``     nonlocality per layer and head.
 4. ``plot_attention_centers`` each positional head's centre and locality strength, on the grid.
 5. ``plot_training_log``    nonlocality and gates per layer over the epochs of a training log.
+6. ``plot_sample_efficiency`` accuracy against training fraction, per model.
+
+``write_analysis_figures`` draws and saves 1-5 for ``convit-analyze``.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 __all__ = ["save_figure", "plot_attention_maps", "plot_gates", "plot_nonlocality", "plot_attention_centers",
            "plot_training_log", "plot_sample_efficiency", "attention_maps_figsize", "gates_figsize",
-           "NONLOCALITY_FIGSIZE", "attention_centers_figsize", "TRAINING_LOG_FIGSIZE", "SAMPLE_EFFICIENCY_FIGSIZE"]
+           "NONLOCALITY_FIGSIZE", "attention_centers_figsize", "TRAINING_LOG_FIGSIZE", "SAMPLE_EFFICIENCY_FIGSIZE",
+           "write_analysis_figures"]
 
 MAP_KINDS = ("positional", "content", "mixed")
 NONLOCALITY_FIGSIZE = (7.0, 4.0)
@@ -273,3 +277,30 @@ def plot_sample_efficiency(results: Mapping[str, Mapping[float, Sequence[float]]
     ax.legend(fontsize=8)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.9)
     return fig
+
+
+# convit-analyze's figures ------------------------------------------------------------------------
+
+def write_analysis_figures(numbers: dict, image, output_dir, log: dict | None = None, dpi: int = 100) -> list:
+    """Save the PNGs of ``numbers`` (``convit.analyze.analyze_model``'s output) into ``output_dir``
+    and return their paths: ``attention_maps_layer{L}.png`` per GPSA layer (drawn over ``image``,
+    (C, H, W)), ``gates.png`` and ``attention_centers.png`` when there is a GPSA layer,
+    ``nonlocality.png``, and ``training_log.png`` with a ``log`` (``convit.runs.read_training_log``)."""
+    os.makedirs(output_dir, exist_ok=True)
+    out = []
+    rows, cols = numbers["grid_size"]
+    for layer, maps in numbers["attention_maps"].items():
+        fig = plot_attention_maps(image, maps, numbers["query"], int(layer), numbers["patch_size"])
+        out.append(save_figure(fig, os.path.join(output_dir, f"attention_maps_layer{layer}.png"), dpi))
+    if numbers["gates"]:
+        out.append(save_figure(plot_gates(numbers["gates"]), os.path.join(output_dir, "gates.png"), dpi))
+        fig = plot_attention_centers(numbers["centers"], numbers["locality_strength"], (rows, cols))
+        out.append(save_figure(fig, os.path.join(output_dir, "attention_centers.png"), dpi))
+    fig = plot_nonlocality(numbers["nonlocality"], numbers["local_up_to_layer"],
+                           {k: numbers[f"nonlocality_{k}"] for k in ("positional", "content")
+                            if numbers[f"nonlocality_{k}"]})
+    out.append(save_figure(fig, os.path.join(output_dir, "nonlocality.png"), dpi))
+    if log is not None:
+        fig = plot_training_log(log["epochs"], log["nonlocality"], log["gates"])
+        out.append(save_figure(fig, os.path.join(output_dir, "training_log.png"), dpi))
+    return out

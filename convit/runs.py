@@ -8,6 +8,7 @@
   difference means (refused, schedule rebuilt, or applied as given).
 - ``carry_log``: the resumed run's ``log.txt`` up to the checkpoint's epoch, so that no epoch is
   logged twice after a kill between an epoch's log line and its checkpoint.
+- ``read_training_log``: the per-epoch locality of a run's ``log.txt``, for ``convit-analyze``.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ import json
 import os
 import time
 
-from .checkpointing import CHECKPOINT_NAME, load_training_checkpoint
+import torch
+
 from .config import RUN_FIELDS
+from .train_state import CHECKPOINT_NAME, load_training_checkpoint
 
 __all__ = ["LOG_NAME", "ARCH_FIELDS", "ORDER_FIELDS", "SCHEDULE_FIELDS", "claim_output_dir", "describe_run",
-           "resume_plan", "carry_log"]
+           "resume_plan", "carry_log", "read_training_log"]
 
 LOG_NAME = "log.txt"
 
@@ -161,3 +164,38 @@ def carry_log(resume_file: str, out_dir: str, start_epoch: int, say) -> None:
     if len(kept) < len(lines):
         say(f"{LOG_NAME}: dropped {len(lines) - len(kept)} line(s) for epochs not in the checkpoint (epoch "
             f"{start_epoch} on, written before the previous run stopped)")
+
+
+def read_training_log(path) -> dict:
+    """Per-epoch, head-mean nonlocality and gates from a training ``log.txt`` (one JSON object a line).
+
+    Lines with ``nonlocality`` and ``gating_params`` ({layer: [per head]}) are used, the others
+    (a resumed run's header, say) skipped; ``epoch`` defaults to the line's rank. Returns
+    ``{"epochs": [...], "nonlocality": {layer: [...]}, "gates": {layer: [...]}}`` with
+    gates = sigmoid(gating_param); a layer missing from an epoch's line has NaN there.
+    """
+    entries = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno} is not a JSON object: {err}") from err
+            if isinstance(entry, dict) and "nonlocality" in entry and "gating_params" in entry:
+                entries.append(entry)
+    if not entries:
+        raise ValueError(f"{path} has no line with 'nonlocality' and 'gating_params': not a ConViT training log")
+
+    def head_mean(values, squash=False):
+        t = torch.as_tensor(values, dtype=torch.float64)
+        return (torch.sigmoid(t) if squash else t).mean().item()
+
+    def per_layer(field, squash=False):
+        layers = sorted({k for e in entries for k in e[field]}, key=int)
+        return {k: [head_mean(e[field][k], squash) if k in e[field] else float("nan") for e in entries]
+                for k in layers}
+
+    return {"epochs": [e.get("epoch", i) for i, e in enumerate(entries)],
+            "nonlocality": per_layer("nonlocality"), "gates": per_layer("gating_params", squash=True)}

@@ -28,10 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint as official_checkpoint
 from .batch_augment import Mixup, RandomErasing, soft_target_cross_entropy
-from .checkpointing import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
-                            resume_path, save_checkpoint)
 from .config import TrainConfig, parse_config
 from .data import UnreadableImageError, build_datasets, collate
 from .locality import layer_locality_stats
@@ -39,6 +36,9 @@ from .models import ConViT, create_model
 from .optim import WarmupCosineSchedule, create_optimizer, scaled_lr
 from .runs import LOG_NAME, carry_log, claim_output_dir, resume_plan
 from .samplers import BatchPlan, EvalSampler, TrainSampler, mix_seed
+from .train_state import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
+                          resume_path, save_checkpoint)
+from .weights import load_checkpoint
 
 __all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
 
@@ -255,7 +255,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = build_model(config, data.num_classes, data.in_chans, data.input_size)
     if config.pretrained:
-        official_checkpoint.load_checkpoint(model, config.pretrained)
+        load_checkpoint(model, config.pretrained)
         say(f"loaded weights from {config.pretrained}")
     model.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -199,13 +199,16 @@ class ResizeShorter:
 
 
 class CenterCrop:
-    def __init__(self, size: int):
+    """The centred ``size`` crop: an int for a square, or (height, width)."""
+
+    def __init__(self, size):
         self.size = size
 
     def __call__(self, img, rng=None):
         w, h = img.size
-        left, top = int(round((w - self.size) / 2)), int(round((h - self.size) / 2))
-        return img.crop((left, top, left + self.size, top + self.size))
+        ch, cw = (self.size, self.size) if isinstance(self.size, int) else self.size
+        left, top = int(round((w - cw) / 2)), int(round((h - ch) / 2))
+        return img.crop((left, top, left + cw, top + ch))
 
 
 class ToTensor:
@@ -253,6 +256,10 @@ def train_transform(size: int, aa: Optional[str] = "rand-m9-mstd0.5-inc1", color
     return Compose(steps + [ToTensor(), Normalize(mean, std)])
 
 
-def eval_transform(size: int, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Compose:
-    """Resize the shorter side to int(size / crop_pct) (bicubic), centre crop ``size``, normalise."""
-    return Compose([ResizeShorter(int(size / crop_pct)), CenterCrop(size), ToTensor(), Normalize(mean, std)])
+def eval_transform(size, crop_pct: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Compose:
+    """Resize the shorter side to int(size / crop_pct) (bicubic), centre crop ``size``, normalise.
+
+    ``size``: an int, or (height, width) for a non-square input (the resize then uses the longer
+    of the two, so that the crop fits)."""
+    longest = size if isinstance(size, int) else max(size)
+    return Compose([ResizeShorter(int(longest / crop_pct)), CenterCrop(size), ToTensor(), Normalize(mean, std)])

@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from convit import plots
-from convit.analyze import build_model, gpsa_maps, infer_model_kwargs, main, read_training_log, run
-from convit.locality import attention_centers, nonlocality
+from convit.analyze import main, model_to_analyze, run
+from convit.locality import attention_centers, gpsa_maps, nonlocality
 from convit.models import GPSA, ConViT
+from convit.runs import read_training_log
+from convit.weights import infer_model_kwargs
 
 # Exact arithmetic on a handful of float64 numbers: only rounding error separates the two sides.
 EXACT = dict(rtol=1e-12, atol=1e-12)
@@ -229,12 +231,42 @@ def test_cli_on_a_fresh_model(tmp_path):
 
 def test_cli_errors():
     with pytest.raises(ValueError, match="--model"):
-        build_model()
+        model_to_analyze()
     with pytest.raises(ValueError, match="unknown --model"):
-        build_model(model_name="convit_huge")
+        model_to_analyze(model_name="convit_huge")
     with pytest.raises(ValueError, match="--query"):
         run(["--model", "convit_tiny", "--img-size", "16", "--depth", "1", "--local_up_to_layer", "1",
               "--num-images", "1", "--query", "5,0", "--output-dir", "/nonexistent-never-written"])
+
+
+def test_folder_images_are_what_evaluation_sees(tmp_path):
+    # The analysis reads an image folder as training does: the training scan and its extensions (a
+    # .gif is not an image there, so not here either), the evaluation transform at the model's
+    # (H, W), picks spread over the classes; a grey model gets the channel mean.
+    from convit import transforms as T
+    from convit.data import sample_images
+
+    rng = np.random.default_rng(0)
+    pngs = []
+    for cls in ("a", "b"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        for i in range(2):
+            pngs.append(tmp_path / "val" / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (20 + 3 * i, 30, 3), dtype=np.uint8)).save(pngs[-1])
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "val" / cls / "x.gif")
+    tf = T.eval_transform((8, 12))
+    expected = []
+    for path in pngs:
+        with Image.open(path) as im:
+            expected.append(tf(im.convert("RGB")))
+    expected = torch.stack(expected)
+    x = sample_images(str(tmp_path), num_images=4, img_size=(8, 12), in_chans=3)
+    assert x.shape == (4, 3, 8, 12)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    two = sample_images(str(tmp_path), num_images=2, img_size=(8, 12), in_chans=1)
+    torch.testing.assert_close(two, expected[::2].mean(1, keepdim=True), rtol=0, atol=0)  # one per class
+    with pytest.raises(FileNotFoundError, match="--data-path"):
+        sample_images(str(tmp_path / "missing"), img_size=8)
 
 
 def test_sample_efficiency_script_smoke(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import convit
-from convit.checkpoint import resize_pos_embed
 from convit.locality import attention_centers, layer_inputs, layer_locality_stats, nonlocality
 from convit.models import GPSA, MHSA
+from convit.weights import resize_pos_embed
 
 # DESIGN.md, Table 1 column "params (official code)".
 OFFICIAL_PARAMS = {

@@ -17,11 +17,11 @@ from PIL import Image
 
 import convit
 import convit.train as train_mod
-from convit.checkpointing import load_training_checkpoint
 from convit.config import DIGITS_PRESET, TrainConfig, build_parser, parse_config, resolve
 from convit.data import UnreadableImageError, scan_image_folder
 from convit.optim import WarmupCosineSchedule
 from convit.samplers import TrainSampler
+from convit.train_state import load_training_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--sampling_ratio", "0.2", "--embed_dim", "32", "--progress", "false", "--seed", "1"]

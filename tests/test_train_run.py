@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import convit.train as train_mod
-from convit.checkpointing import CheckpointError, load_training_checkpoint
 from convit.config import resolve
 from convit.data import UnreadableImageError
+from convit.train_state import CheckpointError, load_training_checkpoint
 
 
 def digits_config(out=None, **changes):

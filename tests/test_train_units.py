@@ -12,11 +12,11 @@ from PIL import Image
 import convit
 from convit import transforms as T
 from convit.batch_augment import Mixup, RandomErasing, smooth_one_hot, soft_target_cross_entropy
-from convit.checkpointing import CheckpointError, load_training_checkpoint, save_checkpoint
 from convit.config import DIGITS_PRESET, TrainConfig, parse_config
 from convit.data import collate, subsample_per_class
 from convit.optim import WarmupCosineSchedule, param_groups, scaled_lr
 from convit.samplers import BatchPlan, EvalSampler, TrainSampler, mix_seed
+from convit.train_state import CheckpointError, load_training_checkpoint, save_checkpoint
 
 
 def _tiny_model():

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import describe_load_error
+from .weights import describe_load_error
 
 __all__ = ["FORMAT", "CheckpointError", "save_checkpoint", "load_training_checkpoint", "resume_path",
            "capture_rng_state", "restore_rng_state"]
