@@ -187,7 +187,7 @@ def kernel_specs(version):
         lay_kv = align128(64 * D * 2)
         fwd_smem = lay_q + lay_kv + align128(16 * n64 * 4) + align128(16 * n64 * 2) + align128(16 * D * 4)
         specs.append(dict(
-            name="fwd whole-row mma", file="gpsa_fwd.cu", kernel="gpsa_fwd_wholerow_mma_kernel", dir="fwd",
+            name="fwd whole-row mma", kernel="gpsa_fwd_wholerow_mma_kernel", dir="fwd",
             smem=fwd_smem, ctas_per_bh=math.ceil(N / 16), l2_bytes_per_cta=2 * n64 * D * 2,
             loops=[("S = Q K^T", "wmma::mma_sync(acc, qa, kb, acc);", "HMMA", hm, (n16, n64)),
                    ("row max", "m = fmax(m, a.scale * row[j]);", "FMNMX", 1, (n16, N)),
@@ -198,7 +198,7 @@ def kernel_specs(version):
         dq_smem = 2 * align128(16 * D * 2) + 2 * align128(64 * D * 2) + 2 * align128(16 * 64 * 4) + \
             align128(16 * 64 * 2) + align128(16 * D * 4)
         specs.append(dict(
-            name="bwd dQ mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dq_mma_kernel", dir="bwd",
+            name="bwd dQ mma", kernel="gpsa_bwd_dq_mma_kernel", dir="bwd",
             smem=dq_smem, ctas_per_bh=math.ceil(N / 16), l2_bytes_per_cta=2 * 2 * n64 * D * 2,
             loops=[("pass 1 (S, dM, Delta)", "const float p_p = acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse[u]);",
                     "MUFU.EX2", 2, (n16, n64)),
@@ -207,7 +207,7 @@ def kernel_specs(version):
         dkdv_smem = 2 * align128(16 * D * 2) + 2 * align128(64 * D * 2) + 2 * align128(64 * 16 * 4) + \
             2 * align128(64 * 16 * 2) + align128(3 * 64 * 4) + align128(16 * D * 4)
         specs.append(dict(
-            name="bwd dK/dV mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dkdv_mma_kernel", dir="bwd",
+            name="bwd dK/dV mma", kernel="gpsa_bwd_dkdv_mma_kernel", dir="bwd",
             smem=dkdv_smem, ctas_per_bh=math.ceil(N / 16), l2_bytes_per_cta=2 * n64 * D * 2,
             loops=[("S, dM, M, dS, dK, dV", "const float p_p = acc_exp(pos_logit(w, grid_offset(i, j, a.cols)) - plse_s[il]);",
                     "MUFU.EX2", 2, (n64, n16))]))
@@ -216,7 +216,7 @@ def kernel_specs(version):
         fwd_smem = align128(64 * ld * 2) + 2 * align128(n16 * ld * 2) + 4 * align128(16 * 20 * 4) + \
             4 * align128(16 * 24 * 2) + align128(4 * 256 * 4) + align128(n16 * 4)
         specs.append(dict(
-            name="fwd rows64 mma", file="gpsa_fwd.cu", kernel="gpsa_fwd_rows64_mma_kernel", dir="fwd",
+            name="fwd rows64 mma", kernel="gpsa_fwd_rows64_mma_kernel", dir="fwd",
             instance="Li4E",  # kSteps = 4: the D <= 64 instance
             smem=fwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
             loops=[("pass 1: S, max, sum", "rows64_tile_stats<false>(scr", "MUFU.EX2", 9 / 8, (n16, n16)),
@@ -224,12 +224,12 @@ def kernel_specs(version):
         bwd_smem = 2 * align128(64 * ld * 2) + 2 * align128(n16 * ld * 2) + 8 * align128(16 * 20 * 4) + \
             8 * align128(16 * 24 * 2) + align128(4 * 256 * 4) + 3 * align128(n16 * 4) + align128(max(n16, 128) * 4)
         specs.append(dict(
-            name="bwd dQ rows64 mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dq_rows64_kernel", dir="bwd",
+            name="bwd dQ rows64 mma", kernel="gpsa_bwd_dq_rows64_kernel", dir="bwd",
             instance="Li4E", smem=bwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
             loops=[("pass 1: S, dM, Delta", "dq64_tile_delta<false>(s_scr", "MUFU.EX2", 2, (n16, n16)),
                    ("pass 2: S, dM, dS, dw, dQ += dS K", "dq64_tile_ds<T, false>(s_scr", "MUFU.EX2", 2, (n16, n16))]))
         specs.append(dict(
-            name="bwd dK/dV rows64 mma", file="gpsa_bwd_mma.cu", kernel="gpsa_bwd_dkdv_rows64_kernel", dir="bwd",
+            name="bwd dK/dV rows64 mma", kernel="gpsa_bwd_dkdv_rows64_kernel", dir="bwd",
             instance="Li4E", smem=bwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
             loops=[("S^T, dM^T, M, dS, dV += M^T dO, dK += dS^T Q", "dkdv64_tile(s_scr", "MUFU.EX2", 2, (n16, n16))]))
     else:
@@ -387,7 +387,10 @@ def main():
               f"{r['smem_static']} | {r['barriers']} | {r['sass']} | {by_regs} |")
 
     version = args.version if args.version != "current" else _current_version(cuda_dir)
-    specs = kernel_specs(version) + [ref_spec()]
+    specs = kernel_specs(version)
+    for spec in specs:
+        spec["file"] = _source_of(cuda_dir, spec["kernel"])
+    specs.append(ref_spec())
     results = []
     for spec in specs:
         src_dir = REF_CU.parent if spec["file"] == REF_CU.name else cuda_dir
@@ -433,9 +436,18 @@ def main():
             for r in results]), indent=1, default=str))
 
 
+def _source_of(cuda_dir, kernel):
+    """The .cu file under cuda_dir that defines `kernel` (files were renamed over time: look it up)."""
+    pattern = re.compile(r"__global__[^;{]*\b" + re.escape(kernel) + r"\(")
+    hits = [p.name for p in sorted(cuda_dir.glob("*.cu")) if pattern.search(p.read_text())]
+    if len(hits) != 1:
+        raise RuntimeError(f"kernel {kernel}: expected one defining .cu file under {cuda_dir}, found {hits}")
+    return hits[0]
+
+
 def _current_version(cuda_dir):
     """Which hot-loop table matches the sources."""
-    text = (cuda_dir / "gpsa_fwd.cu").read_text()
+    text = "".join(p.read_text() for p in sorted(cuda_dir.glob("*.cu")))
     return "after" if "gpsa_fwd_rows64_mma_kernel" in text else "before"
 
 

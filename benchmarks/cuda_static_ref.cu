@@ -4,7 +4,7 @@
 // that a plain softmax costs with these tools. It is never launched (compile-only; not part of the
 // extension), so it carries no checks beyond what its structure needs.
 //
-// Structure (the same as the GPSA whole-row forward of csrc/cuda/gpsa_fwd.cu): a CTA of 4 warps
+// Structure (the same as the GPSA whole-row forward of csrc/cuda/gpsa_fwd_mma.cu): a CTA of 4 warps
 // owns 64 query rows of one (b, h), each warp 16; all N <= 256 keys' K and V rows sit in shared
 // memory (row stride D + 8 elements: 16 bytes of padding against bank conflicts). Pass 1 per key
 // tile of 16: S = Q K^T on tensor cores into a per-warp 16 x 16 scratch tile, lane (r, half) reads

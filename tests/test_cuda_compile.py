@@ -106,7 +106,8 @@ def compile_results(tmp_path_factory):
 
 def test_cuda_sources_exist():
     names = {p.name for p in CU_FILES}
-    assert {"gpsa_fwd.cu", "gpsa_bwd.cu"} <= names, f"missing CUDA sources; found {sorted(names)}"
+    expected = {"gpsa_launch.cu", "gpsa_fwd_simt.cu", "gpsa_fwd_mma.cu", "gpsa_bwd_simt.cu", "gpsa_bwd_mma.cu"}
+    assert expected <= names, f"missing CUDA sources; found {sorted(names)}"
 
 
 @pytest.mark.parametrize("name", [p.name for p in CU_FILES])

@@ -1,6 +1,6 @@
 // GPSA backward on tensor cores (WMMA m16n16k16, fp32 accumulation) for fp16/bf16 with
 // D % 16 == 0 on sm_80+. Same algebra, outputs, workspaces and partial sums as the SIMT kernels of
-// gpsa_bwd.cu (see its header for the formulas); no atomics, every sum in a fixed order.
+// gpsa_bwd_simt.cu (see its header for the formulas); no atomics, every sum in a fixed order.
 // Operands live in shared memory in T; the probabilities M and dS are rounded to T once before
 // their matmuls (as flash attention does); all elementwise math and the dw / dg partials are fp32.
 #include "gpsa_common.cuh"
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
 }
 
 // ==== Whole-row backward (N <= kWholeRowMaxN): 64 rows per CTA, the positional table ====
-// The structure of the rows64 forward (gpsa_fwd.cu): all N keys' (or queries') operand rows in
+// The structure of the rows64 forward (gpsa_fwd_mma.cu): all N keys' (or queries') operand rows in
 // shared memory (row stride D + 8), 16 rows per warp with their Q / dO (or K / V) fragments in
 // registers, no CTA barrier in the main loops, 2^x with log2(e) folded into the scales, the
 // positional logit from the per-head table (no integer division per element), and the weights
@@ -500,7 +500,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_rows64_kernel(BwdArgs<T>
         wmma::load_matrix_sync(gf[t], go_t + 16 * warp * ld + 16 * t, ld);
       }
     }
-    // S and dM tiles of keys j0 .. j0 + 15 into the scratch tiles (see score_tile in gpsa_fwd.cu).
+    // S and dM tiles of keys j0 .. j0 + 15 into the scratch tiles (see score_tile in gpsa_fwd_mma.cu).
     auto score_tiles = [&](int j0) {
       AccFrag st, dmt;
       rows64_tile_dot<T, kSteps>(st, qf, k_t + j0 * ld, ld, k_steps);

@@ -1,4 +1,5 @@
-// Device helpers shared by gpsa_fwd.cu and gpsa_bwd.cu (CUDA only; no torch header).
+// Device helpers and kernel arguments shared by every GPSA kernel file (CUDA only; no torch header):
+// gpsa_launch.cu chooses the path, gpsa_{fwd,bwd}_simt.cu and gpsa_{fwd,bwd}_mma.cu hold the kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -253,7 +254,7 @@ __device__ __forceinline__ int pos_base(int i, int rows, int cols) {
 }
 __device__ __forceinline__ int pos_kidx(int j, int cols) { return (j / cols) * (2 * cols - 1) + j % cols; }
 
-// ---- forward: shared by gpsa_fwd.cu and gpsa_fwd_mma.cu ----
+// ---- forward: shared by gpsa_fwd_simt.cu, gpsa_fwd_mma.cu and gpsa_launch.cu ----
 constexpr int kBlockM = 16;  // query rows per CTA of every forward kernel
 
 template <typename T>
@@ -269,12 +270,17 @@ struct FwdArgs {
   Acc scale;
 };
 
-// The tensor-core tiled forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with
-// D % 16 == 0 on sm_80+, any N: the outputs of gpsa_fwd_tiled_kernel.
+// The SIMT forward (gpsa_fwd_simt.cu), any T, D and device: the whole-row kernel for
+// N <= kWholeRowMaxN, else the tiled one. a.pos_lse must hold the positional statistics.
 template <typename T>
-cudaError_t fwd_tiled_mma_launch(const FwdArgs<T>& a, dim3 grid, cudaStream_t stream);
+cudaError_t fwd_simt_launch(const FwdArgs<T>& a, cudaStream_t stream);
+// The tensor-core forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with D % 16 == 0 on
+// sm_80+: the 64-row whole-row kernel for N <= kWholeRowMaxN where its shared memory fits the
+// device, else the tiled kernel (any N). The outputs of the SIMT kernels.
+template <typename T>
+cudaError_t fwd_mma_launch(const FwdArgs<T>& a, cudaStream_t stream);
 
-// ---- backward: shared by gpsa_bwd.cu (SIMT kernels, the reduction) and gpsa_bwd_mma.cu ----
+// ---- backward: shared by gpsa_bwd_simt.cu, gpsa_bwd_mma.cu and gpsa_launch.cu (the reduction) ----
 constexpr int kBwdBlockM = 16;  // query rows per CTA of the dQ kernels
 constexpr int kBwdBlockN = 16;  // keys per CTA of the dK/dV kernels
 constexpr int kPartials = 4;    // per dQ CTA: dw0, dw1, dw2, sum(Delta_p - Delta_c)
@@ -293,6 +299,10 @@ struct BwdArgs {
   Acc scale;
 };
 
+// The SIMT dQ and dK/dV kernels (gpsa_bwd_simt.cu), any T, D and device: Delta_c, dQ and the
+// partial sums (kBwdBlockM rows per dQ CTA), then dK, dV.
+template <typename T>
+cudaError_t bwd_simt_launch(const BwdArgs<T>& a, cudaStream_t stream);
 // The tensor-core dQ and dK/dV kernels (gpsa_bwd_mma.cu), for T = __half / __nv_bfloat16 with
 // D % 16 == 0 on sm_80+: the same outputs, workspaces and partial sums as the SIMT kernels.
 template <typename T>

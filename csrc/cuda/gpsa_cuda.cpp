@@ -1,6 +1,7 @@
 // Torch glue of the CUDA GPSA kernels: argument checks, allocations, the current stream, dtype
 // dispatch, and the CUDA registration of convit_kernels::gpsa_fwd / gpsa_bwd (schemas in
-// csrc/gpsa_ops.cpp). The kernels themselves (gpsa_fwd.cu, gpsa_bwd.cu) see no torch type.
+// csrc/gpsa_ops.cpp). The kernels (gpsa_cuda.h's launchers, gpsa_launch.cu) see no torch type;
+// the argument checks shared with the CPU glue are in csrc/gpsa_checks.h.
 // Output layouts mirror the CPU kernels (csrc/cpu/): out and the grads of q, k, v are (B, H, N, D)
 // views of contiguous (B, N, H, D) storage; lse (B, H, N) in the accumulation dtype.
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <tuple>
 
 #include "gpsa_cuda.h"
+#include "../gpsa_checks.h"
 
 namespace convit_kernels::cuda {
 namespace {
@@ -33,41 +35,14 @@ Strides3 strides_of(const at::Tensor& t) { return Strides3{t.stride(0), t.stride
 // The kernels read any strides with a unit last-dim stride.
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
+// The checks every device shares (csrc/gpsa_checks.h), then this kernel's own limits.
 void check_common(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& pos_weight, const at::Tensor& gating, int64_t rows, int64_t cols, double scale) {
-  const std::pair<const char*, const at::Tensor*> qkv[] = {{"q", &q}, {"k", &k}, {"v", &v}};
-  for (const auto& [name, t] : qkv) {
-    TORCH_CHECK_VALUE(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D); got ", t->sizes());
-    TORCH_CHECK_VALUE(t->is_cuda(), op, " (CUDA kernel): ", name, " must be a CUDA tensor; got ", t->device());
-    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on the device of q (", q.device(),
-                      "); got ", t->device());
-  }
-  to_gpsa_dtype(q.scalar_type());  // throws for an unsupported dtype
-  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have the shape of q ",
-                    q.sizes(), "; got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                   ": k and v must have the dtype of q (", q.scalar_type(), "); got ", k.scalar_type(), " and ",
-                   v.scalar_type());
+  check_gpsa_args(op, at::kCUDA, q, k, v, pos_weight, gating, rows, cols, scale);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  TORCH_CHECK_VALUE(H >= 1 && N >= 1 && D >= 1, op, ": q must have H, N and D >= 1; got ", q.sizes());
   TORCH_CHECK_VALUE(D <= kMaxHeadDim, op, " (CUDA kernel): head dim D must be <= ", kMaxHeadDim, "; got ", D);
   TORCH_CHECK_VALUE(B <= 65535 && H <= 65535 && N <= (int64_t(1) << 30), op,
                     " (CUDA kernel): B and H must be <= 65535 and N <= 2^30; got ", q.sizes());
-  TORCH_CHECK_VALUE(rows >= 1 && cols >= 1 && rows * cols == N, op, ": rows * cols must equal N = ", N,
-                    "; got rows=", rows, ", cols=", cols);
-  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite; got ", scale);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::pair<const char*, const at::Tensor*> params[] = {{"pos_weight", &pos_weight}, {"gating", &gating}};
-  for (const auto& [name, t] : params) {
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " (the accumulation dtype of ",
-                     q.scalar_type(), " inputs); got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == q.device(), op, ": ", name, " must be on the device of q (", q.device(),
-                      "); got ", t->device());
-  }
-  TORCH_CHECK_VALUE(pos_weight.dim() == 2 && pos_weight.size(0) == H && pos_weight.size(1) == 3, op,
-                    ": pos_weight must have shape (H, 3) = (", H, ", 3); got ", pos_weight.sizes());
-  TORCH_CHECK_VALUE(gating.dim() == 1 && gating.size(0) == H, op, ": gating must have shape (H,) = (", H,
-                    ",); got ", gating.sizes());
 }
 
 void check_launch(const char* op, cudaError_t err) {
@@ -112,17 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gpsa_bwd_
     const at::Tensor& pos_weight_in, const at::Tensor& gating_in, const at::Tensor& lse_in, int64_t rows,
     int64_t cols, double scale) {
   check_common("gpsa_bwd", q_in, k_in, v_in, pos_weight_in, gating_in, rows, cols, scale);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.sizes() == q_in.sizes(),
-                    "gpsa_bwd: grad_out must have the shape of q ", q_in.sizes(), "; got ", grad_out_in.sizes());
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == q_in.scalar_type(), "gpsa_bwd: grad_out must have the dtype of q (",
-                   q_in.scalar_type(), "); got ", grad_out_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_out_in.device() == q_in.device() && lse_in.device() == q_in.device(),
-                    "gpsa_bwd: grad_out and lse must be on the device of q (", q_in.device(), ")");
+  check_gpsa_bwd_args(at::kCUDA, grad_out_in, lse_in, q_in, pos_weight_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK_VALUE(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == N,
-                    "gpsa_bwd: lse must have shape (B, H, N) = (", B, ", ", H, ", ", N, "); got ", lse_in.sizes());
-  TORCH_CHECK_TYPE(lse_in.scalar_type() == pos_weight_in.scalar_type(), "gpsa_bwd: lse must be ",
-                   pos_weight_in.scalar_type(), "; got ", lse_in.scalar_type());
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   const at::Tensor grad_out = last_dim_contiguous(grad_out_in);

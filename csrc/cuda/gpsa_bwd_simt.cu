@@ -1,4 +1,5 @@
-// GPSA backward on CUDA, without atomics and bitwise deterministic. No torch header.
+// GPSA backward on CUDA cores (SIMT), every dtype, without atomics and bitwise deterministic. No
+// torch header.
 //
 // Per (b, h), with s = sigmoid(gating[h]), P_c = exp(S - lse) (S = scale Q K^T), P_p the
 // positional softmax, M = (1 - s) P_c + s P_p and g = grad_out (DESIGN.md section 1):
@@ -11,7 +12,7 @@
 //   gpsa_bwd_dq_kernel     over query blocks: Delta_c, Delta_p (first pass over the keys), dQ and
 //                          this CTA's partial sums of dw and dg (second pass);
 //   gpsa_bwd_dkdv_kernel   over key blocks: dK, dV (reads Delta_c);
-//   gpsa_bwd_reduce_kernel per head: the partial sums, added in a fixed order.
+//   gpsa_bwd_reduce_kernel (gpsa_launch.cu) per head: the partial sums, added in a fixed order.
 // fp16/bf16 with D % 16 == 0 on sm_80+ take the tensor-core kernels of gpsa_bwd_mma.cu instead of
 // the first two (64-row whole-row kernels for N <= kWholeRowMaxN), with the same reduction.
 #include "gpsa_common.cuh"
@@ -243,32 +244,6 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_kernel(BwdArgs<T> a) {
   }
 }
 
-// One CTA per head: grad_pos_weight[h] and grad_gating[h] from the per-CTA partial sums of the
-// dQ kernel, each thread adding a fixed strided subset, then a fixed tree. Grid: (H); block: kThreads.
-template <typename Acc>
-__global__ void __launch_bounds__(kThreads) gpsa_bwd_reduce_kernel(const Acc* __restrict__ partials,
-                                                                   int64_t num_partials,
-                                                                   const Acc* __restrict__ gating,
-                                                                   Acc* __restrict__ grad_pos_weight,
-                                                                   Acc* __restrict__ grad_gating) {
-  __shared__ Acc scratch[kThreads];
-  const int h = blockIdx.x;
-  const Acc* part = partials + int64_t(h) * num_partials * kPartials;
-  for (int c = 0; c < kPartials; ++c) {
-    Acc x = Acc(0);
-    for (int64_t p = threadIdx.x; p < num_partials; p += kThreads) x += part[p * kPartials + c];
-    const Acc total = block_sum(x, scratch);
-    if (threadIdx.x == 0) {
-      if (c < 3) {
-        grad_pos_weight[h * 3 + c] = total;
-      } else {
-        const Acc s = sigmoid(gating[h]);
-        grad_gating[h] = s * (Acc(1) - s) * total;
-      }
-    }
-  }
-}
-
 template <typename Acc>
 size_t dq_smem_bytes(int D) {
   return sizeof(Acc) * (2 * size_t(kBwdBlockM) * D + 2 * size_t(kBwdChunk) * (D + 1) + size_t(kBwdBlockM) * kBwdChunk);
@@ -281,73 +256,21 @@ size_t dkdv_smem_bytes(int D) {
 }
 
 template <typename T>
-cudaError_t bwd_typed(const GpsaBwdParams& p, cudaStream_t stream) {
+cudaError_t bwd_simt_launch(const BwdArgs<T>& a, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
-  const GpsaDtype acc_dtype = sizeof(Acc) == 8 ? GpsaDtype::kFloat64 : GpsaDtype::kFloat32;
-  cudaError_t err = gpsa_pos_lse_launch(acc_dtype, p.pos_weight, p.H, p.N, p.rows, p.cols, p.pos_lse, stream);
+  // The dK/dV kernel reads Delta_c, written by the dQ kernel: same stream, so in order.
+  const cudaError_t err = launch_with_smem(gpsa_bwd_dq_kernel<T>, dim3(ceil_div(a.N, kBwdBlockM), a.H, a.B),
+                                           dq_smem_bytes<Acc>(a.D), stream, a);
   if (err != cudaSuccess) return err;
-  BwdArgs<T> a;
-  a.go = static_cast<const T*>(p.grad_out); a.gos = p.grad_out_stride;
-  a.q = static_cast<const T*>(p.q); a.qs = p.q_stride;
-  a.k = static_cast<const T*>(p.k); a.ks = p.k_stride;
-  a.v = static_cast<const T*>(p.v); a.vs = p.v_stride;
-  a.pos_weight = static_cast<const Acc*>(p.pos_weight);
-  a.gating = static_cast<const Acc*>(p.gating);
-  a.lse = static_cast<const Acc*>(p.lse);
-  a.pos_lse = static_cast<const Acc*>(p.pos_lse);
-  a.dq = static_cast<T*>(p.grad_q); a.dqs = p.grad_q_stride;
-  a.dk = static_cast<T*>(p.grad_k); a.dks = p.grad_k_stride;
-  a.dv = static_cast<T*>(p.grad_v); a.dvs = p.grad_v_stride;
-  a.delta_c = static_cast<Acc*>(p.delta_c);
-  a.partials = static_cast<Acc*>(p.partials);
-  a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
-  a.scale = Acc(p.scale);
-
-  bool tensor_cores = false;
-  if constexpr (sizeof(T) == 2) tensor_cores = p.D % 16 == 0 && device_is_sm80_or_newer();
-  if (tensor_cores) {
-    if constexpr (sizeof(T) == 2) err = bwd_mma_launch<T>(a, stream);
-  } else {
-    // The dK/dV kernel reads Delta_c, written by the dQ kernel: same stream, so in order.
-    err = launch_with_smem(gpsa_bwd_dq_kernel<T>, dim3(ceil_div(p.N, kBwdBlockM), p.H, p.B),
-                           dq_smem_bytes<Acc>(p.D), stream, a);
-    if (err != cudaSuccess) return err;
-    err = launch_with_smem(gpsa_bwd_dkdv_kernel<T>, dim3(ceil_div(p.N, kBwdBlockN), p.H, p.B),
-                           dkdv_smem_bytes<Acc>(p.D), stream, a);
-  }
-  if (err != cudaSuccess) return err;
-  // One partial per dQ CTA: 64 query rows in the whole-row tensor-core kernel, kBwdBlockM otherwise.
-  const int rows_per_cta = tensor_cores && bwd_mma_takes_rows64(p.N, p.D, sizeof(T)) ? kRows64 : kBwdBlockM;
-  const int64_t num_partials = int64_t(p.B) * ceil_div(p.N, rows_per_cta);
-  gpsa_bwd_reduce_kernel<Acc><<<p.H, kThreads, 0, stream>>>(a.partials, num_partials, a.gating,
-                                                            static_cast<Acc*>(p.grad_pos_weight),
-                                                            static_cast<Acc*>(p.grad_gating));
-  return cudaGetLastError();
+  return launch_with_smem(gpsa_bwd_dkdv_kernel<T>, dim3(ceil_div(a.N, kBwdBlockN), a.H, a.B),
+                          dkdv_smem_bytes<Acc>(a.D), stream, a);
 }
+
+template cudaError_t bwd_simt_launch<float>(const BwdArgs<float>&, cudaStream_t);
+template cudaError_t bwd_simt_launch<double>(const BwdArgs<double>&, cudaStream_t);
+template cudaError_t bwd_simt_launch<__half>(const BwdArgs<__half>&, cudaStream_t);
+template cudaError_t bwd_simt_launch<__nv_bfloat16>(const BwdArgs<__nv_bfloat16>&, cudaStream_t);
 
 }  // namespace detail
-
-GpsaBwdWorkspace gpsa_bwd_workspace_sizes(int B, int H, int N) {
-  GpsaBwdWorkspace ws;
-  ws.pos_lse = int64_t(H) * N;
-  ws.delta_c = int64_t(B) * H * N;
-  ws.partials = int64_t(H) * B * detail::ceil_div(N, detail::kBwdBlockM) * detail::kPartials;
-  return ws;
-}
-
-cudaError_t gpsa_bwd_launch(const GpsaBwdParams& p, cudaStream_t stream) {
-  if (gpsa_check_sizes(p.B, p.H, p.N, p.D, p.rows, p.cols) != nullptr) return cudaErrorInvalidValue;
-  if (p.B == 0) {  // no batch: the parameter gradients are exact zeros, written by the glue
-    return cudaSuccess;
-  }
-  switch (p.dtype) {
-    case GpsaDtype::kFloat32: return detail::bwd_typed<float>(p, stream);
-    case GpsaDtype::kFloat16: return detail::bwd_typed<__half>(p, stream);
-    case GpsaDtype::kBFloat16: return detail::bwd_typed<__nv_bfloat16>(p, stream);
-    case GpsaDtype::kFloat64: return detail::bwd_typed<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace cuda
 }  // namespace convit_kernels
