@@ -40,7 +40,7 @@ except ModuleNotFoundError as _err:  # matplotlib is in the [analysis] extra, no
     if not (_err.name or "").startswith("matplotlib"):
         raise
     plots = None
-from .data import UnreadableImageError, sample_images
+from .data import sample_images
 from .locality import attention_centers, gpsa_maps, layer_inputs, layer_locality_stats, nonlocality
 from .models import MODEL_CONFIGS, ConViT, create_model
 from .runs import LOG_NAME, read_training_log
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     """The ``convit-analyze`` console script: 0 on success, 2 with a one-line error for bad input."""
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, UnreadableImageError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"convit-analyze: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -276,8 +276,8 @@ def sample_images(data_path: Optional[str] = None, num_images: int = 32, img_siz
     the evaluation transform at ``img_size`` (an int or (H, W)); or, with no ``data_path``, the
     first validation digits of the training split, normalised as training normalises them. Images
     whose channels differ from ``in_chans`` are repeated (grey to colour) or averaged (colour to
-    grey); images of another size are resized bilinearly. A file that cannot be decoded raises
-    ``UnreadableImageError``.
+    grey); images of another size are resized bilinearly. A picked file that cannot be decoded
+    raises ValueError naming it.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1; got {num_images}")
@@ -295,8 +295,8 @@ def sample_images(data_path: Optional[str] = None, num_images: int = 32, img_siz
         loaded = [images[i] for i in range(len(images))]
         bad = [path for _, _, path in loaded if path is not None]
         if bad:
-            raise UnreadableImageError(f"{len(bad)} of the {len(picks)} images picked cannot be read: "
-                                       + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
+            raise ValueError(f"{len(bad)} of the {len(picks)} images picked cannot be read: "
+                             + ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else ""))
         x = torch.stack([img for img, _, _ in loaded])
     if x.shape[1] != in_chans:
         if x.shape[1] == 1:

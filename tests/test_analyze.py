@@ -267,6 +267,9 @@ def test_folder_images_are_what_evaluation_sees(tmp_path):
     torch.testing.assert_close(two, expected[::2].mean(1, keepdim=True), rtol=0, atol=0)  # one per class
     with pytest.raises(FileNotFoundError, match="--data-path"):
         sample_images(str(tmp_path / "missing"), img_size=8)
+    pngs[1].write_bytes(b"not an image")  # the extension says PNG; the picked file is not one
+    with pytest.raises(ValueError, match="1 of the 4 images picked cannot be read: .*1.png"):
+        sample_images(str(tmp_path), num_images=4, img_size=8, in_chans=3)
 
 
 def test_sample_efficiency_script_smoke(tmp_path, monkeypatch):
