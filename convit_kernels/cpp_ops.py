@@ -13,6 +13,7 @@ import os
 import torch
 
 from .backends import Backend, register_backend
+from .zero_bias_grad import with_zero_bias_grad
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -81,24 +82,6 @@ torch.library.register_autograd("convit_kernels::gpsa_fwd", _gpsa_fwd_backward,
                                 setup_context=_gpsa_fwd_setup_context)
 
 
-class _ZeroGradFor(torch.autograd.Function):
-    """Identity on ``out`` that gives ``pos_bias`` its exact gradient: zero (it cancels in the softmax)."""
-
-    @staticmethod
-    def forward(out, pos_bias):
-        return out.view_as(out)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pos_bias = inputs[1]
-        ctx.bias_meta = (pos_bias.shape, pos_bias.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        shape, dtype = ctx.bias_meta
-        return grad_out, grad_out.new_zeros(shape, dtype=dtype)
-
-
 def gpsa_extension_op(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
     """Backend function of "cpu" and "cuda": GPSA through ``torch.ops.convit_kernels.gpsa_fwd``.
 
@@ -107,9 +90,7 @@ def gpsa_extension_op(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
     """
     acc = _acc_dtype(q.dtype)
     out, _ = gpsa_fwd(q, k, v, pos_weight.to(acc), gating.to(acc), rows, cols, scale)
-    if pos_bias.requires_grad and torch.is_grad_enabled():
-        out = _ZeroGradFor.apply(out, pos_bias)
-    return out
+    return with_zero_bias_grad(out, pos_bias)
 
 
 # ---- backends -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ and the batch folded into the columns (``(H, N, B*D)`` views of v and g),
     dZ      = P * (dP - rowsum(P * dP))         the softmax backward, (H, N, N)
     dw[h]   = sum_ij dZ[h, i, j] r_ij           three (H, N, N) products summed over i, j
     dv      = P^T @ g  (added by autograd to SDPA's dv)
-    dbias   = 0 exactly (pos_bias cancels inside the softmax)
+    dbias   = 0 exactly (pos_bias cancels inside the softmax; see zero_bias_grad)
 
 P is computed and kept in float32 (float64 for float64 inputs); the two matmuls with v run in v's
 dtype. r_ij comes from ``reference.relative_indices``, the single definition of the grid offsets.
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .backends import Backend, register_backend
 from .reference import relative_indices
+from .zero_bias_grad import with_zero_bias_grad
 
 __all__ = ["gpsa_sdpa", "positional_probs", "DEVICE_TYPES"]
 
@@ -71,14 +72,14 @@ def _from_heads_major(y: torch.Tensor, B: int, D: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("convit_kernels::gpsa_positional", mutates_args=())
-def gpsa_positional(v: torch.Tensor, pos_weight: torch.Tensor, pos_bias: torch.Tensor, rows: int,
+def gpsa_positional(v: torch.Tensor, pos_weight: torch.Tensor, rows: int,
                     cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The positional branch: ``(P @ v, P)``.
 
-    v: (B, H, N, D), any float dtype. pos_weight: (H, 3), pos_bias: (H,), both float32 (float64 for
-    float64 v). Returns o_p (B, H, N, D) in v's dtype, laid out as (H, N, B, D), and P (H, N, N) in
-    pos_weight's dtype (saved for the backward; not differentiable). pos_bias is unused (it
-    cancels) but is an input so that autograd gives it its exact zero gradient.
+    v: (B, H, N, D), any float dtype. pos_weight: (H, 3), float32 (float64 for float64 v). Returns
+    o_p (B, H, N, D) in v's dtype, laid out as (H, N, B, D), and P (H, N, N) in pos_weight's dtype
+    (saved for the backward; not differentiable). No pos_bias: it cancels (its zero gradient comes
+    from ``zero_bias_grad.with_zero_bias_grad``).
     """
     B, H, N, D = v.shape
     probs = positional_probs(pos_weight, rows, cols)
@@ -87,24 +88,24 @@ def gpsa_positional(v: torch.Tensor, pos_weight: torch.Tensor, pos_bias: torch.T
 
 
 @gpsa_positional.register_fake
-def _(v, pos_weight, pos_bias, rows, cols):
+def _(v, pos_weight, rows, cols):
     B, H, N, D = v.shape
     out = v.new_empty((H, N, B, D)).permute(2, 0, 1, 3)
     return out, pos_weight.new_empty((H, N, N))
 
 
 def _setup_context(ctx, inputs, output):
-    v, pos_weight, pos_bias, rows, cols = inputs
+    v, pos_weight, rows, cols = inputs
     ctx.save_for_backward(v, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.grid = (rows, cols)
-    ctx.param_meta = (pos_weight.dtype, pos_bias.shape, pos_bias.dtype)
+    ctx.w_dtype = pos_weight.dtype
 
 
 def _backward(ctx, grad_out, _grad_probs):
     v, probs = ctx.saved_tensors
     B, H, N, D = v.shape
-    w_dtype, bias_shape, bias_dtype = ctx.param_meta
+    w_dtype = ctx.w_dtype
     g = _heads_major(grad_out.to(v.dtype))  # (H, N, B*D)
     dv = dw = None
     if ctx.needs_input_grad[0]:
@@ -115,9 +116,7 @@ def _backward(ctx, grad_out, _grad_probs):
         rel = relative_indices(*ctx.grid, device=v.device, dtype=probs.dtype)
         # Products and sums, not a matmul: immune to autocast; temporaries of (H, N, N).
         dw = torch.stack([(dZ * rel[..., c]).sum(dim=(1, 2)) for c in range(3)], dim=1).to(w_dtype)
-    # The bias cancels inside the positional softmax: its gradient is exactly zero.
-    db = torch.zeros(bias_shape, dtype=bias_dtype, device=v.device)
-    return dv, dw, db, None, None
+    return dv, dw, None, None
 
 
 gpsa_positional.register_autograd(_backward, setup_context=_setup_context)
@@ -131,9 +130,9 @@ def gpsa_sdpa(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
     """
     acc = _acc_dtype(q.dtype)
     content = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    positional, _ = torch.ops.convit_kernels.gpsa_positional(v, pos_weight.to(acc), pos_bias.to(acc), rows, cols)
+    positional, _ = torch.ops.convit_kernels.gpsa_positional(v, pos_weight.to(acc), rows, cols)
     gate = torch.sigmoid(gating.to(acc)).to(q.dtype).view(1, -1, 1, 1)
-    return torch.lerp(content, positional, gate)
+    return with_zero_bias_grad(torch.lerp(content, positional, gate), pos_bias)
 
 
 def _probe(dev: str) -> tuple[bool, str]:

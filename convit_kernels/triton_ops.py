@@ -18,6 +18,7 @@ import torch
 
 from .api import validate_gpsa_inputs
 from .backends import Backend, register_backend
+from .zero_bias_grad import with_zero_bias_grad
 
 __all__ = ["gpsa_triton"]
 
@@ -60,10 +61,10 @@ if triton_fwd is not None:
 
     @triton_op("convit_kernels::gpsa_fwd_triton", mutates_args=())
     def gpsa_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
-                        pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float,
+                        gating: torch.Tensor, rows: int, cols: int, scale: float,
                         block_n: int = 0, split_d: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPSA forward: ``(out, lse)``. pos_bias is unused (it cancels) but is an input so that
-        autograd gives it its exact zero gradient. block_n > 0 forces the tiled path; split_d
+        """GPSA forward: ``(out, lse)``. No pos_bias: it cancels (its zero gradient comes from
+        ``zero_bias_grad.with_zero_bias_grad``). block_n > 0 forces the tiled path; split_d
         runs the head dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk."""
         return triton_fwd.gpsa_fwd_launch(q, k, v, pos_weight, gating, rows, cols, scale, block_n, split_d,
                                           wrap_triton)
@@ -78,10 +79,9 @@ if triton_fwd is not None:
                                           block_n, split_d, wrap_triton)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n, split_d = inputs
+        q, k, v, pos_weight, gating, rows, cols, scale, block_n, split_d = inputs
         ctx.save_for_backward(q, k, v, pos_weight, gating, output[1])
         ctx.params = (rows, cols, scale, block_n, split_d)
-        ctx.bias_meta = (pos_bias.shape, pos_bias.dtype)
 
     def _backward(ctx, grad_out, _grad_lse):
         q, k, v, pos_weight, gating, lse = ctx.saved_tensors
@@ -90,10 +90,7 @@ if triton_fwd is not None:
             grad_out = grad_out.contiguous()
         dq, dk, dv, dw, dg = gpsa_bwd_triton(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
                                              block_n, split_d)
-        shape, dtype = ctx.bias_meta
-        # The bias cancels inside the positional softmax: its gradient is exactly zero.
-        db = torch.zeros(shape, dtype=dtype, device=q.device)
-        return dq, dk, dv, dw, db, dg, None, None, None, None, None
+        return dq, dk, dv, dw, dg, None, None, None, None, None
 
     torch.library.register_autograd("convit_kernels::gpsa_fwd_triton", _backward, setup_context=_setup_context)
 
@@ -103,8 +100,8 @@ def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, bl
     if D > triton_fwd.MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims D <= {triton_fwd.MAX_HEAD_DIM}; q has D = {D}")
     out, _ = torch.ops.convit_kernels.gpsa_fwd_triton(
-        q, k, v, pos_weight.to(_ACC), pos_bias.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n, split_d)
-    return out
+        q, k, v, pos_weight.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n, split_d)
+    return with_zero_bias_grad(out, pos_bias)
 
 
 def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, block_n=0, split_d=False):

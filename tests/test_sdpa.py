@@ -137,8 +137,8 @@ def test_no_batch_by_heads_by_n_by_n_tensor():
 def test_opcheck_positional_op(dtype):
     q, k, v, w, b, g, (rows, cols) = make_gpsa_inputs(2, 3, 12, 8, (3, 4), dtype=dtype, requires_grad=True,
                                                       layout="bnhd")
-    torch.library.opcheck(torch.ops.convit_kernels.gpsa_positional.default, (v, w, b, rows, cols))
-    out, probs = torch.ops.convit_kernels.gpsa_positional(v, w, b, rows, cols)
+    torch.library.opcheck(torch.ops.convit_kernels.gpsa_positional.default, (v, w, rows, cols))
+    out, probs = torch.ops.convit_kernels.gpsa_positional(v, w, rows, cols)
     assert out.shape == v.shape and out.dtype == dtype and probs.shape == (3, 12, 12) and probs.dtype == w.dtype
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 12, dtype=w.dtype))
 
@@ -149,10 +149,10 @@ def test_positional_softmax_stays_fp32_under_autocast():
     q, k, v, w, b, g, (rows, cols) = make_gpsa_inputs(2, 3, 20, 8, (4, 5), dtype=torch.bfloat16, layout="bnhd")
     w.requires_grad_(True)
     go = torch.randn(v.shape).to(torch.bfloat16)
-    out, probs = torch.ops.convit_kernels.gpsa_positional(v, w, b, rows, cols)
+    out, probs = torch.ops.convit_kernels.gpsa_positional(v, w, rows, cols)
     (dw,) = torch.autograd.grad(out, w, go)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_a, probs_a = torch.ops.convit_kernels.gpsa_positional(v, w, b, rows, cols)
+        out_a, probs_a = torch.ops.convit_kernels.gpsa_positional(v, w, rows, cols)
         (dw_a,) = torch.autograd.grad(out_a, w, go)
     assert probs_a.dtype == torch.float32 and torch.equal(probs_a, probs)
     assert torch.equal(out_a, out) and torch.equal(dw_a, dw)

@@ -309,7 +309,7 @@ GRIDS = {50: (5, 10), 196: (14, 14), 577: (1, 577)}
 
 def step(block_n, split_d, rows, cols):
     def f(q, k, v, w, b, g):
-        out, lse = torch.ops.convit_kernels.gpsa_fwd_triton(q, k, v, w, b, g, rows, cols, 0.125, block_n, split_d)
+        out, lse = torch.ops.convit_kernels.gpsa_fwd_triton(q, k, v, w, g, rows, cols, 0.125, block_n, split_d)
         return out, lse, torch.ops.convit_kernels.gpsa_bwd_triton(out, q, k, v, w, g, lse, rows, cols, 0.125,
                                                                    block_n, split_d)
     return f

@@ -128,10 +128,10 @@ def test_opcheck():
                                                       requires_grad=True)
     scale = 48 ** -0.5
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd_triton.default,
-                          (q, k, v, w, b, g, rows, cols, scale, 0))
+                          (q, k, v, w, g, rows, cols, scale, 0))
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_fwd_triton.default,
-                          (q, k, v, w, b, g, rows, cols, scale, 16))
-    out, lse = torch.ops.convit_kernels.gpsa_fwd_triton(q, k, v, w, b, g, rows, cols, scale, 0)
+                          (q, k, v, w, g, rows, cols, scale, 16))
+    out, lse = torch.ops.convit_kernels.gpsa_fwd_triton(q, k, v, w, g, rows, cols, scale, 0)
     grad_out = torch.randn_like(out)
     bwd_args = tuple(t.detach() for t in (grad_out, q, k, v, w, g, lse)) + (rows, cols, scale, 0)
     torch.library.opcheck(torch.ops.convit_kernels.gpsa_bwd_triton.default, bwd_args)
