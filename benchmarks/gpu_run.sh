@@ -26,10 +26,12 @@
 #
 #   #  stage     what                                                         estimate  budget
 #   1  build     pip install -e . (C++ and CUDA, sm_90, MAX_JOBS = nproc)       60-120     180
-#   2  cuda      tests/test_cuda_gpu.py: fwd + all grads vs the reference,      30-60       90
+#   2  cuda      tests/test_fused_gpu.py (-k fused_cuda) + test_cuda_gpu.py:    30-60       90
+#                fwd + all grads vs the reference,
 #                bf16/fp16/fp32, odd N, determinism, races, opcheck, model
 #                logits (quick: not the torch.compile and sanitizer tests)
-#   3  triton16  tests/test_triton_gpu.py, bf16/fp16 cases (quick: autotuning    40-80      100
+#   3  triton16  tests/test_fused_gpu.py (-k fused_triton) + test_triton_gpu.py, 40-80     100
+#                bf16/fp16 cases (quick: autotuning
 #                off, xdist -n 8: the time is Triton compiles)
 #   4  op        bench_op: every backend, ConViT-S/B, B = 64/256, bf16,          60-100     150
 #                fwd and fwd_bwd (quick: no reference_compile, no bwd-only)
@@ -37,7 +39,7 @@
 #                GPU backend (tests/test_timm.py -m gpu)
 #   6  model     bench_model: bf16 training step images/s, convit_tiny/small,    40-60       90
 #                every backend vs plain attention vs timm (quick: eager only)
-#   7  triton32  tests/test_triton_gpu.py, the fp32 cases and the rest           30-50       60
+#   7  triton32  the same Triton tests: the fp32 cases and the rest               30-50       60
 #   8  sanitize  compute-sanitizer memcheck + racecheck on a tiny cuda case      40-90      150
 #                (skipped with the reason where the tool or the device refuses)
 #   9  report    benchmarks/report.py -> OUT/RESULTS.md                              3       15
@@ -279,9 +281,11 @@ if [ $DRY = 1 ]; then run_stage build script "$TESTS_LOG" bash -c build_dry
 else run_stage build script "$TESTS_LOG" bash -c build_gpu; fi
 
 # 2-3. CUDA and Triton correctness (16-bit first). On CPU the `gpu` marker skips every selected test.
-run_stage cuda pytest "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests/test_cuda_gpu.py ${CUDA_K:+-k "$CUDA_K"}
+run_stage cuda pytest "$TESTS_LOG" "${PYTEST[@]}" -m gpu tests/test_fused_gpu.py tests/test_cuda_gpu.py \
+  -k "(fused_cuda or test_cuda_gpu)${CUDA_K:+ and ($CUDA_K)}"
 export CONVIT_KERNELS_TRITON_AUTOTUNE=$TEST_AUTOTUNE
-run_stage triton16 pytest "$TESTS_LOG" "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_triton_gpu.py -k "$TRITON16_K"
+run_stage triton16 pytest "$TESTS_LOG" "${PYTEST[@]}" "${XDIST[@]}" -m gpu \
+  tests/test_fused_gpu.py tests/test_triton_gpu.py -k "(fused_triton or test_triton_gpu) and ($TRITON16_K)"
 
 # 4. op timing (autotuned Triton: the figures are the product)
 export CONVIT_KERNELS_TRITON_AUTOTUNE=1
@@ -303,7 +307,8 @@ run_stage model pytest "$BENCH_LOG" "${PYTEST[@]}" benchmarks/bench_model.py --b
 
 # 7. Triton fp32 and the rest of its tests
 export CONVIT_KERNELS_TRITON_AUTOTUNE=$TEST_AUTOTUNE
-run_stage triton32 pytest "$TESTS_LOG" "${PYTEST[@]}" "${XDIST[@]}" -m gpu tests/test_triton_gpu.py -k "$TRITON32_K"
+run_stage triton32 pytest "$TESTS_LOG" "${PYTEST[@]}" "${XDIST[@]}" -m gpu \
+  tests/test_fused_gpu.py tests/test_triton_gpu.py -k "(fused_triton or test_triton_gpu) and ($TRITON32_K)"
 
 # 8. compute-sanitizer
 if [ $DRY = 1 ]; then

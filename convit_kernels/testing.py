@@ -1,11 +1,17 @@
 """Helpers shared by the tests and the benchmarks: random GPSA inputs and error reports."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .reference import gpsa_reference
 
-__all__ = ["make_gpsa_inputs", "max_error", "assert_close", "reference_errors", "assert_within_reference_rule"]
+__all__ = ["make_gpsa_inputs", "max_error", "assert_close", "reference_errors", "assert_within_reference_rule",
+           "GRAD_NAMES", "no_tf32", "output_and_grads", "check_against_reference"]
+
+# Names of a GPSA call's output and its six gradients, in argument order.
+GRAD_NAMES = ("out", "grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_pos_bias", "grad_gating")
 
 
 def make_gpsa_inputs(B, H, N, D, grid_size=None, dtype=torch.float32, device="cpu", requires_grad=False,
@@ -112,3 +118,46 @@ def assert_within_reference_rule(name, got, want, ref_err, dtype, gradient, cont
         assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} ({dtype}{context})"
     else:
         raise ValueError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """CUDA matmuls in true fp32 (no TF32) inside the block: the fp32 rule needs IEEE products."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def output_and_grads(fn, inputs, grad_out):
+    """``[out, grad_q, grad_k, grad_v, grad_pos_weight, grad_pos_bias, grad_gating]`` of
+    ``fn(q, k, v, pos_weight, pos_bias, gating, grid_size)`` on fresh leaves of ``inputs``."""
+    *tensors, grid = inputs
+    ts = [t.detach().requires_grad_(True) for t in tensors]
+    out = fn(*ts, grid)
+    return [out] + list(torch.autograd.grad(out, ts, grad_out.to(out.dtype)))
+
+
+def check_against_reference(fn, B, H, N, D, dtype, grid_size, layout="bnhd", device="cuda"):
+    """A fused GPSA ``fn`` against the float64 reference by the project's rule, output and all gradients.
+
+    ``fn(q, k, v, pos_weight, pos_bias, gating, grid_size) -> out``. Also checks what every fused
+    backend promises: out in q's dtype, laid out as (B, N, H, D), and pos_bias's gradient exactly 0.
+    """
+    inputs = make_gpsa_inputs(B, H, N, D, grid_size, dtype=dtype, device=device, layout=layout)
+    # Representable in dtype, so its rounding is not counted as the kernel's error.
+    grad_out = torch.randn(B, H, N, D, device=device).to(dtype).float()
+    with no_tf32():
+        out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, grad_out)
+        results = output_and_grads(fn, inputs, grad_out)
+    out = results[0]
+    assert out.dtype == dtype and out.shape == (B, H, N, D), (out.dtype, tuple(out.shape))
+    assert out.transpose(1, 2).is_contiguous(), "out must be laid out as (B, N, H, D)"
+    assert results[5].abs().max().item() == 0.0, "grad of pos_bias must be exactly zero"
+    for i, (name, got, want) in enumerate(zip(GRAD_NAMES, results, (out64, *grads64))):
+        if name == "grad_pos_bias":
+            continue
+        ref_err = ref_err_out if i == 0 else ref_err_grads[i - 1]
+        assert_within_reference_rule(name, got, want, ref_err, dtype, gradient=i > 0, context=f", N={N}, D={D}")
