@@ -4,7 +4,7 @@ Field names are the official DeiT/ConViT argument names (``batch_size``, ``drop_
 ``warmup_epochs``, ``sampling_ratio``, ...). Every field is a command-line flag, spelled with
 underscores or dashes (``--batch-size`` and ``--batch_size`` are the same flag), one to one.
 
-Defaults are the ImageNet recipe of the paper (DESIGN.md section 1). Without ``--data-path`` (and
+Defaults are the ImageNet recipe of the paper (docs/DESIGN.md section 1). Without ``--data-path`` (and
 without ``--synthetic``) the run trains on scikit-learn's 8x8 digits, and the digits preset
 (``DIGITS_PRESET``) replaces the defaults of the fields the user did not set: a small ConViT,
 a short schedule, and no ImageNet-size augmentation.

@@ -99,7 +99,7 @@ def assert_within_reference_rule(name, got, want, ref_err, dtype, gradient, cont
     """The project's tolerance for a fused kernel's result ``got`` against the float64 reference ``want``.
 
     ``ref_err``: the error of the reference run in ``dtype`` (from ``reference_errors``).
-    - float16 / bfloat16, DESIGN.md section 4: at most 2x (output) / 3x (gradients) ``ref_err``, plus a
+    - float16 / bfloat16, docs/DESIGN.md section 4: at most 2x (output) / 3x (gradients) ``ref_err``, plus a
       hair (1e-6) of fp32 noise.
     - float32: fp32 errs from rounding of long sums (~1e-6 of the largest entry) and from the
       conditioning of the positional logits (|w . r| reaches 10^2, so exp arguments carry ~|z| 2^-24

@@ -1,4 +1,4 @@
-"""Triton backward kernels of GPSA and their launcher (math: DESIGN.md section 1).
+"""Triton backward kernels of GPSA and their launcher (math: docs/DESIGN.md section 1).
 
 With g = dL/d out, s = sigmoid(gating), P_c / P_pos the content / positional softmaxes and
 M = (1 - s) P_c + s P_pos:

@@ -8,7 +8,7 @@
   in one block (227 KB on H100/H200) before the autotuner compiles them;
 - ``check_index_range``: the launchers' guard on the int32 parts of the kernels' address arithmetic.
 
-Math and layout: DESIGN.md section 1.
+Math and layout: docs/DESIGN.md section 1.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton forward kernels of GPSA and their launchers.
 
-Layout and math follow DESIGN.md section 1. One forward call runs two kernels:
+Layout and math follow docs/DESIGN.md section 1. One forward call runs two kernels:
 
 - ``_gpsa_pos_stats_kernel`` (in triton_common): the log-sum-exp of the positional logits of every
   (head, query), (H, N) float32. The positional softmax does not depend on the batch, so this is

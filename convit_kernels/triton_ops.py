@@ -8,7 +8,7 @@ implementation comes for free. ``register_autograd`` connects the two.
 Scope: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before import (Triton's
 interpreter; slow, for tests). float32, float16 and bfloat16 (float32 accumulation), D <= 128.
 Under the interpreter ``opcheck`` and ``torch.compile`` of these ops fail (fake tensors reach the
-interpreter): call them eagerly there (DESIGN.md section 4).
+interpreter): call them eagerly there (docs/DESIGN.md section 4).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def _random_shape(rng):
     return rng.randint(1, 3), rng.randint(1, 5), rows * cols, rng.choice([8, 16, 32, 48, 64]), (rows, cols)
 
 
-# Fixed cases cover square / non-square grids, odd N, 1 x N, every D of DESIGN.md; three more shapes
+# Fixed cases cover square / non-square grids, odd N, 1 x N, every D of docs/DESIGN.md; three more shapes
 # are drawn fresh on every run (printed in the test id's failure message).
 SHAPES = [
     (2, 3, 12, 8, (3, 4), "bhnd"),
@@ -89,7 +89,7 @@ LOW_CASES = [(torch.float32, 2, 4, 196, 48, (14, 14), "qkv"), (torch.float32, 3,
 @needs_cpu
 @pytest.mark.parametrize("dtype,B,H,N,D,grid,layout", LOW_CASES)
 def test_low_precision_within_twice_the_reference_error(dtype, B, H, N, D, grid, layout):
-    """DESIGN.md section 4, through the project's one tolerance rule (testing.assert_within_reference_rule).
+    """docs/DESIGN.md section 4, through the project's one tolerance rule (testing.assert_within_reference_rule).
 
     bfloat16 / float16: err(kernel vs fp64) <= 2x (3x for gradients) err(reference in dtype vs fp64);
     the kernel computes them in float32, so they pass with a wide margin. float32: the kernel and the

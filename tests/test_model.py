@@ -12,7 +12,7 @@ from convit.locality import attention_centers, layer_inputs, layer_locality_stat
 from convit.models import GPSA, MHSA
 from convit.weights import resize_pos_embed
 
-# DESIGN.md, Table 1 column "params (official code)".
+# docs/DESIGN.md, Table 1 column "params (official code)".
 OFFICIAL_PARAMS = {
     "convit_tiny": 5_710_512, "convit_tiny_plus": 9_972_912, "convit_small": 27_777_322,
     "convit_small_plus": 48_979_882, "convit_base": 86_540_040, "convit_base_plus": 153_134_856,

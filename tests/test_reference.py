@@ -11,7 +11,7 @@ from convit_kernels.testing import assert_close, make_gpsa_inputs
 
 
 def gpsa_from_equations(q, k, v, w, b, g, grid, scale):
-    """GPSA by explicit loops over heads and query/key patches (DESIGN.md section 1)."""
+    """GPSA by explicit loops over heads and query/key patches (docs/DESIGN.md section 1)."""
     B, H, N, D = q.shape
     rows, cols = grid
     out = torch.zeros_like(q)
