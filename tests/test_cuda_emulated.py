@@ -207,7 +207,7 @@ def test_emulated_low_precision_by_the_2x_rule(emu_lib, dtype, B, H, N, D, grid)
     go = torch.randn(B, N, H, D, generator=gen).to(dtype).transpose(1, 2)
     out, lse, grads = _run_emulated(emu_lib, q, k, v, w, g, grid, go, scale)
     out64, grads64, ref_err_out, ref_err_grads = reference_errors(inputs, dtype, go.float())
-    # DESIGN.md section 4: at most 2x (3x for gradients) the error of the reference run in dtype.
+    # docs/DESIGN.md section 4: at most 2x (3x for gradients) the error of the reference run in dtype.
     assert_within_reference_rule("out", out, out64, ref_err_out, dtype, gradient=False)
     for name, t, idx in zip(("grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_gating"), grads, (0, 1, 2, 3, 5)):
         assert_within_reference_rule(name, t, grads64[idx], ref_err_grads[idx], dtype, gradient=True)

@@ -2,7 +2,7 @@
 // torch header.
 //
 // Per (b, h), with s = sigmoid(gating[h]), P_c = exp(S - lse) (S = scale Q K^T), P_p the
-// positional softmax, M = (1 - s) P_c + s P_p and g = grad_out (DESIGN.md section 1):
+// positional softmax, M = (1 - s) P_c + s P_p and g = grad_out (docs/DESIGN.md section 1):
 //   dV = M^T g                      dM = g V^T
 //   Delta_c = rowsum(P_c dM)        Delta_p = rowsum(P_p dM)
 //   dS = (1 - s) P_c (dM - Delta_c) dZ = s P_p (dM - Delta_p)
