@@ -92,6 +92,18 @@ def fwd_shared_memory(meta: dict, num_stages: int) -> int:
 
 
 @triton.jit
+def _key_scores(q0, q1, k_base, offs_n, stride_kn, offs_d0, offs_d1, N, qk_scale, HEAD_DIM: tl.constexpr,
+                D1: tl.constexpr, IEEE: tl.constexpr):
+    """The query tile's scaled content logits (log2 units) against keys ``offs_n``; -inf past N."""
+    k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
+    k1 = k0
+    if D1 > 0:
+        k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
+    s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+    return tl.where(offs_n[None, :] < N, s, float("-inf"))
+
+
+@triton.jit
 def _gpsa_fwd_kernel(
     Q, K, V, OUT, LSE, POS_LSE2, W, G,
     stride_qb, stride_qh, stride_qn,
@@ -131,13 +143,8 @@ def _gpsa_fwd_kernel(
 
     if WHOLE_ROW:  # ROW_N = next_pow2(N) >= N: one tile holds the whole row
         offs_n = tl.arange(0, ROW_N)
-        k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
-        k1 = k0
-        if D1 > 0:
-            k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-        s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+        s = _key_scores(q0, q1, k_base, offs_n, stride_kn, offs_d0, offs_d1, N, qk_scale, HEAD_DIM, D1, IEEE)
         valid = offs_n[None, :] < N
-        s = tl.where(valid, s, float("-inf"))
         m_i = tl.max(s, 1)
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
@@ -161,13 +168,8 @@ def _gpsa_fwd_kernel(
         acc_p1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 16], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_rows(k_base, offs_n, stride_kn, offs_d0, N, HEAD_DIM)
-            k1 = k0
-            if D1 > 0:
-                k1 = _load_rows(k_base, offs_n, stride_kn, offs_d1, N, HEAD_DIM)
-            s = _scores(q0, q1, k0, k1, D1, IEEE) * qk_scale
+            s = _key_scores(q0, q1, k_base, offs_n, stride_kn, offs_d0, offs_d1, N, qk_scale, HEAD_DIM, D1, IEEE)
             valid = offs_n[None, :] < N
-            s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

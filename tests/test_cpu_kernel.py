@@ -11,7 +11,8 @@ import convit
 import convit_kernels as ck
 from convit_kernels.backends import resolve_backend
 from convit_kernels.testing import (
-    assert_close, assert_within_reference_rule, make_gpsa_inputs, max_error, reference_errors,
+    assert_close, assert_compiled_matches_eager, assert_within_reference_rule, gradcheck_backend, make_gpsa_inputs,
+    max_error, reference_errors,
 )
 
 CPU_STATUS = ck.backend_status("cpu")["cpu"]
@@ -146,13 +147,7 @@ def test_float32_as_accurate_as_the_reference(B, H, N, D, grid, layout):
 
 @needs_cpu
 def test_gradcheck_float64():
-    q, k, v, w, b, g, grid = make_gpsa_inputs(1, 2, 6, 4, (2, 3), dtype=torch.float64, requires_grad=True,
-                                              layout="bnhd")
-
-    def f(q, k, v, w, b, g):
-        return ck.gpsa_attention(q, k, v, w, b, g, grid, backend="cpu")
-
-    assert torch.autograd.gradcheck(f, (q, k, v, w, b, g), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert gradcheck_backend("cpu", 1, 2, 6, 4, (2, 3))
 
 
 @needs_cpu
@@ -203,23 +198,8 @@ def test_opcheck(dtype):
 
 @needs_cpu
 def test_compile_fullgraph_matches_eager():
-    torch.compiler.reset()
-    q, k, v, w, b, g, grid = make_gpsa_inputs(2, 3, 20, 16, (4, 5), requires_grad=True, layout="bnhd")
-
-    def f(q, k, v, w, b, g):
-        return ck.gpsa_attention(q, k, v, w, b, g, grid, backend="cpu") * 2.0
-
-    go = torch.randn(2, 3, 20, 16)
-    ts = (q, k, v, w, b, g)
-    compiled = torch.compile(f, fullgraph=True)
-    out_c = compiled(*ts)
-    grads_c = torch.autograd.grad(out_c, ts, go)
-    out_e = f(*ts)
-    grads_e = torch.autograd.grad(out_e, ts, go)
     # The same kernel runs in both; only the surrounding elementwise code is generated: fp32 rounding.
-    for name, a, e in zip(NAMES, (out_c,) + grads_c, (out_e,) + grads_e):
-        assert_close(a, e, atol=1e-6, rtol=1e-5, name=f"compiled {name}")
-    torch.compiler.reset()
+    assert_compiled_matches_eager("cpu", atol=1e-6, rtol=1e-5)
 
 
 def _tiny_model(backend):

@@ -31,6 +31,13 @@ def _run(*args, env=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+def _rehearse(tmp_path, *args, env=None, timeout=120):
+    """Runs a --dry-run into tmp_path/out: ``(out, proc, rows)``, rows from its SUMMARY.md."""
+    out = tmp_path / "out"
+    proc = _run(out, "--dry-run", *args, env=env, timeout=timeout)
+    return out, proc, _rows((out / "SUMMARY.md").read_text())
+
+
 def _rows(summary: str) -> dict:
     """{stage: (status, seconds, budget, detail)} from SUMMARY.md's stage table."""
     rows = {}
@@ -105,10 +112,8 @@ def test_dry_run_rehearses_every_stage(tmp_path):
 
 
 def test_an_overrunning_stage_is_cut_off_and_the_rest_reports(tmp_path):
-    out = tmp_path / "out"
     # One second is less than it takes to import torch: the sanitizer rehearsal is cut off.
-    proc = _run(out, "--dry-run", "--only", "sanitize,report", env={"GPU_RUN_BUDGET_SANITIZE": "1"}, timeout=120)
-    rows = _rows((out / "SUMMARY.md").read_text())
+    out, proc, rows = _rehearse(tmp_path, "--only", "sanitize,report", env={"GPU_RUN_BUDGET_SANITIZE": "1"})
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert rows["sanitize"][0] == "cut off" and "timeout after 1 s" in rows["sanitize"][3], rows["sanitize"]
     assert rows["report"][0] == "skipped" and "no benchmark JSON" in rows["report"][3], rows["report"]
@@ -119,9 +124,7 @@ def test_an_overrunning_stage_is_cut_off_and_the_rest_reports(tmp_path):
 
 def test_a_stage_without_time_left_is_skipped(tmp_path):
     # A 45 s run leaves 15 s for the stages (30 s go to the report and summary): under the 20 s minimum.
-    out = tmp_path / "out"
-    proc = _run(out, "--dry-run", "--only", "build", env={"GPU_RUN_TOTAL_S": "45"}, timeout=120)
-    rows = _rows((out / "SUMMARY.md").read_text())
+    _, proc, rows = _rehearse(tmp_path, "--only", "build", env={"GPU_RUN_TOTAL_S": "45"})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert rows["build"][0] == "skipped" and "no time left" in rows["build"][3], rows["build"]
 

@@ -10,8 +10,11 @@ import convit
 import convit_kernels as ck
 from convit_kernels import backends
 from convit_kernels.backends import clear_backend_cache, resolve_backend
-from convit_kernels.reference import gpsa_composed, gpsa_reference
-from convit_kernels.testing import assert_close, assert_within_reference_rule, make_gpsa_inputs, reference_errors
+from convit_kernels.reference import gpsa_composed
+from convit_kernels.testing import (
+    assert_close, assert_compiled_matches_eager, assert_within_reference_rule, gradcheck_backend, make_gpsa_inputs,
+    reference_errors,
+)
 
 NAMES = ("out", "grad_q", "grad_k", "grad_v", "grad_pos_weight", "grad_pos_bias", "grad_gating")
 
@@ -49,13 +52,7 @@ def test_float64_matches_reference(B, H, N, D, grid, layout):
 
 
 def test_gradcheck_float64():
-    q, k, v, w, b, g, grid = make_gpsa_inputs(2, 2, 6, 3, (2, 3), dtype=torch.float64, requires_grad=True,
-                                              layout="bnhd")
-
-    def f(q, k, v, w, b, g):
-        return ck.gpsa_attention(q, k, v, w, b, g, grid, backend="sdpa")
-
-    assert torch.autograd.gradcheck(f, (q, k, v, w, b, g), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert gradcheck_backend("sdpa", 2, 2, 6, 3, (2, 3))
 
 
 LOW_CASES = [(dt,) + s for dt in (torch.float32, torch.float16, torch.bfloat16) for s in SHAPES[:3]] + [
@@ -159,22 +156,8 @@ def test_positional_softmax_stays_fp32_under_autocast():
 
 
 def test_compile_fullgraph_matches_eager():
-    torch.compiler.reset()
-    q, k, v, w, b, g, grid = make_gpsa_inputs(2, 3, 20, 16, (4, 5), requires_grad=True, layout="bnhd")
-
-    def f(q, k, v, w, b, g):
-        return ck.gpsa_attention(q, k, v, w, b, g, grid, backend="sdpa") * 2.0
-
-    go = torch.randn(2, 3, 20, 16)
-    ts = (q, k, v, w, b, g)
-    out_c = torch.compile(f, fullgraph=True)(*ts)
-    grads_c = torch.autograd.grad(out_c, ts, go)
-    out_e = f(*ts)
-    grads_e = torch.autograd.grad(out_e, ts, go)
     # Same ops in both; inductor regenerates the elementwise code and may fuse differently: fp32 rounding.
-    for name, a, e in zip(NAMES, (out_c,) + grads_c, (out_e,) + grads_e):
-        assert_close(a, e, atol=1e-5, rtol=1e-4, name=f"compiled {name}")
-    torch.compiler.reset()
+    assert_compiled_matches_eager("sdpa", atol=1e-5, rtol=1e-4)
 
 
 def _small_convit_tiny(backend):

@@ -2,7 +2,7 @@
 
 tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is visible, before convit_kernels is imported.
 The interpreter is slow and mishandles bf16 dots, so these cases use fp32/fp16 and tiny B, H;
-tests/test_triton_gpu.py has the GPU list (bf16, large shapes, opcheck, torch.compile).
+tests/test_fused_gpu.py and tests/test_triton_gpu.py have the GPU list (bf16, large shapes, opcheck, torch.compile).
 """
 import pytest
 import torch
@@ -418,18 +418,21 @@ print(f"compiled {len(jobs)}")
 
 
 def _gpu_test_cases():
-    """(N, D, dtype, block_n, split_d) of every launch tests/test_triton_gpu.py makes."""
+    """(N, D, dtype, block_n, split_d) of every Triton launch the GPU tests make: tests/test_fused_gpu.py
+    (shared with the cuda backend) and tests/test_triton_gpu.py (forced tiles, split head dims)."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).with_name("test_triton_gpu.py")
-    spec = importlib.util.spec_from_file_location("_triton_gpu_shapes", path)
+    path = pathlib.Path(__file__).with_name("test_fused_gpu.py")
+    spec = importlib.util.spec_from_file_location("_fused_gpu_shapes", path)
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
     cases = {(N, D, dt, 0, False) for N, D in gpu.SHAPES for dt in ("fp32", "bf16", "fp16")}
+    cases |= {(N, 32, "fp32", 0, False) for N in (50, 577)}  # contiguous (B, H, N, D) inputs
+    cases |= {(577, 64, "fp16", 0, False), (50, 48, "fp32", 0, False), (300, 48, "bf16", 0, False)}  # races, opcheck
     cases |= {(N, D, dt, bn, False) for N, D, bn in ((196, 48, 32), (50, 64, 16)) for dt in ("fp32", "bf16")}
     cases |= {(N, D, dt, 0, True) for N, D in ((196, 48), (197, 80), (577, 48)) for dt in ("fp32", "bf16")}
-    assert (196, 48) in gpu.SHAPES and (577, 128) in gpu.SHAPES  # keep in step with the GPU file
+    assert (196, 48) in gpu.SHAPES and (577, 128) in gpu.SHAPES  # keep in step with the GPU files
     return sorted(cases)
 
 

@@ -126,32 +126,6 @@ __device__ __forceinline__ Acc dot_rows(const Acc* a, const Acc* b, int D) {
 }
 
 
-// Raw copy of `count` rows (zeros past N) into shared memory in T, row stride D (the tensor-core
-// kernels keep their operands in the input dtype).
-// Rows move as 16-byte vectors where the row length, the row stride and the base allow it (the
-// usual case: D % 8 == 0 for 16-bit types), element by element otherwise. `dst` is 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ void load_rows_raw(T* dst, const T* src, int64_t stride_n, int row0, int count, int N,
-                                              int D) {
-  constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte vector
-  const bool vec = D % kVec == 0 && stride_n % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
-  if (vec) {
-    const int per_row = D / kVec;
-    for (int e = threadIdx.x; e < count * per_row; e += kThreads) {
-      const int r = e / per_row, c = e % per_row;
-      const int n = row0 + r;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (n < N) x = *reinterpret_cast<const uint4*>(src + int64_t(n) * stride_n + c * kVec);
-      *reinterpret_cast<uint4*>(dst + r * D + c * kVec) = x;
-    }
-    return;
-  }
-  for (int e = threadIdx.x; e < count * D; e += kThreads) {
-    const int r = e / D, d = e % D;
-    const int n = row0 + r;
-    dst[r * D + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
-  }
-}
 
 // Shared-memory regions start on 128-byte boundaries (WMMA needs 32-byte aligned tile pointers).
 __host__ __device__ __forceinline__ size_t align128(size_t x) { return (x + 127) / 128 * 128; }
@@ -236,6 +210,16 @@ __device__ __forceinline__ void load_rows_ld(T* dst, int ld, const T* src, int64
     const int n = row0 + r;
     dst[r * ld + d] = n < N ? src[int64_t(n) * stride_n + d] : from_acc<T>(0.0f);
   }
+}
+
+// Raw copy of `count` rows (zeros past N) into shared memory in T, row stride D (the tensor-core
+// kernels keep their operands in the input dtype).
+// Rows move as 16-byte vectors where the row length, the row stride and the base allow it (the
+// usual case: D % 8 == 0 for 16-bit types), element by element otherwise. `dst` is 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load_rows_raw(T* dst, const T* src, int64_t stride_n, int row0, int count, int N,
+                                              int D) {
+  load_rows_ld(dst, D, src, stride_n, row0, count, N, D);  // rows packed at stride D
 }
 
 // The per-head positional logit table in log2 units: tab[(dy + rows - 1)(2 cols - 1) + dx + cols - 1]
