@@ -53,10 +53,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_mma_kernel(BwdArgs<T> a)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, qb = blockIdx.x, i0 = qb * kBwdBlockM;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const float w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const float s = sigmoid(a.gating[h]);
   constexpr int kRows = kBwdBlockM / kWarps;  // 4 rows per warp in the elementwise steps
@@ -242,10 +240,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_mma_kernel(BwdArgs<T> 
   const int tid = threadIdx.x, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdBlockN;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const float w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const float s = sigmoid(a.gating[h]);
 
@@ -466,10 +462,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_rows64_kernel(BwdArgs<T>
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, qb = blockIdx.x, i0 = qb * kRows64;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const float s = sigmoid(a.gating[h]);
   build_pos_table(tab, a.pos_weight[h * 3 + 0] * kLog2e, a.pos_weight[h * 3 + 1] * kLog2e,
                   a.pos_weight[h * 3 + 2] * kLog2e, a.rows, a.cols);
@@ -635,10 +629,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_rows64_kernel(BwdArgs<
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kRows64;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const float s = sigmoid(a.gating[h]);
   const float log2_1ms = log2f(1.0f - s), log2_s = log2f(s);
   build_pos_table(tab, a.pos_weight[h * 3 + 0] * kLog2e, a.pos_weight[h * 3 + 1] * kLog2e,

@@ -47,10 +47,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dq_kernel(BwdArgs<T> a) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, qb = blockIdx.x, i0 = qb * kBwdBlockM;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const Acc w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const Acc s = sigmoid(a.gating[h]);
 
@@ -175,10 +173,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_bwd_dkdv_kernel(BwdArgs<T> a) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdBlockN;
   const int64_t bh = int64_t(b) * a.H + h;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* go = a.go + b * a.gos.b + h * a.gos.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *go = hs.go, *k = hs.k, *v = hs.v;
   const Acc w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const Acc s = sigmoid(a.gating[h]);
 

@@ -283,6 +283,21 @@ struct BwdArgs {
   Acc scale;
 };
 
+// One (b, h) slice of a call's operands: element (n, d) of q is q[n * a.qs.n + d] (likewise k, v, go).
+template <typename T>
+struct HeadSlice {
+  const T* q; const T* k; const T* v; const T* go;  // go: the backward's grad_out, null in the forward
+};
+template <typename T>
+__device__ __forceinline__ HeadSlice<T> head_slice(const FwdArgs<T>& a, int b, int h) {
+  return {a.q + b * a.qs.b + h * a.qs.h, a.k + b * a.ks.b + h * a.ks.h, a.v + b * a.vs.b + h * a.vs.h, nullptr};
+}
+template <typename T>
+__device__ __forceinline__ HeadSlice<T> head_slice(const BwdArgs<T>& a, int b, int h) {
+  return {a.q + b * a.qs.b + h * a.qs.h, a.k + b * a.ks.b + h * a.ks.h, a.v + b * a.vs.b + h * a.vs.h,
+          a.go + b * a.gos.b + h * a.gos.h};
+}
+
 // The SIMT dQ and dK/dV kernels (gpsa_bwd_simt.cu), any T, D and device: Delta_c, dQ and the
 // partial sums (kBwdBlockM rows per dQ CTA), then dK, dV.
 template <typename T>

@@ -61,9 +61,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_tiled_mma_kernel(FwdArgs<T>
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBlockM;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *k = hs.k, *v = hs.v;
   const float w[3] = {a.pos_weight[h * 3 + 0], a.pos_weight[h * 3 + 1], a.pos_weight[h * 3 + 2]};
   const float s = sigmoid(a.gating[h]);
   constexpr int kRows = kBlockM / kWarps;            // 4 rows per warp in step 2
@@ -270,9 +269,8 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_rows64_mma_kernel(FwdArgs<T
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kRows64;
-  const T* q = a.q + b * a.qs.b + h * a.qs.h;
-  const T* k = a.k + b * a.ks.b + h * a.ks.h;
-  const T* v = a.v + b * a.vs.b + h * a.vs.h;
+  const HeadSlice<T> hs = head_slice(a, b, h);
+  const T *q = hs.q, *k = hs.k, *v = hs.v;
   const float w0 = a.pos_weight[h * 3 + 0] * kLog2e, w1 = a.pos_weight[h * 3 + 1] * kLog2e,
               w2 = a.pos_weight[h * 3 + 2] * kLog2e;
   const float s = sigmoid(a.gating[h]);
