@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    LOG2E, _head_params, _load_rows, _mm, _pos_arg, _program_tile, _rel_offsets, _rel_offsets_t, _scores, _store_rows,
-    autotuner, cfg, check_index_range, configs, head_dim_split, pos_stats_launch, row_width, static_int, with_kwargs,
+    INTERPRET_CONFIGS, LOG2E, _head_params, _load_rows, _mm, _pos_arg, _program_tile, _rel_offsets, _rel_offsets_t,
+    _scores, _store_rows, autotuner, cfg, check_index_range, config_table, configs, head_dim_split, pos_stats_launch,
+    row_width, static_int,
 )
 from .triton_fwd import launch_mode
 
@@ -44,20 +45,7 @@ _DQ_TILED = [cfg(64, 8, 2, BLOCK_N=64), cfg(32, 4, 2, BLOCK_N=64), cfg(128, 8, 2
 _DQ_FORCED = [cfg(32, 4, 2), cfg(64, 8, 2)]
 _DQ_TILED_FP32 = [cfg(16, 4, 1, BLOCK_N=16), cfg(32, 8, 1, BLOCK_N=32)]
 _DQ_FORCED_FP32 = [cfg(16, 4, 1)]
-DQ_GPU_CONFIGS = {
-    ("short", False): _DQ_WHOLE + [with_kwargs(c, WHOLE_ROW=False) for c in _DQ_TILED],
-    ("long", False): _DQ_TILED,
-    ("forced", False): _DQ_FORCED,
-    ("long", True): _DQ_TILED_FP32,
-    ("forced", True): _DQ_FORCED_FP32,
-}
-_DQ_INTERPRET_CONFIGS = {
-    ("short", False): cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
-    ("long", False): cfg(16, 4, BLOCK_N=32),
-    ("forced", False): cfg(16, 4),
-    ("long", True): cfg(16, 4, BLOCK_N=32),
-    ("forced", True): cfg(16, 4),
-}
+DQ_GPU_CONFIGS = config_table(_DQ_WHOLE, _DQ_TILED, _DQ_FORCED, _DQ_TILED_FP32, _DQ_FORCED_FP32)
 DKV_GPU_CONFIGS = {
     False: [cfg(64, 8, 2, BLOCK_N=64), cfg(32, 4, 2, BLOCK_N=32), cfg(64, 4, 2, BLOCK_N=32), cfg(32, 4, 2, BLOCK_N=64)],
     True: [cfg(32, 4, 1, BLOCK_N=32)],
@@ -289,7 +277,7 @@ def _gpsa_bwd_dkv_kernel(
 
 
 _DQ_TUNERS = {
-    key: autotuner(_gpsa_bwd_dq_kernel, configs(gpu, _DQ_INTERPRET_CONFIGS[key]),
+    key: autotuner(_gpsa_bwd_dq_kernel, configs(gpu, INTERPRET_CONFIGS[key]),
                    ["N", "HEAD_DIM"] + (["BLOCK_N"] if key[0] == "forced" else []), dq_shared_memory,
                    "_gpsa_bwd_dq_kernel")
     for key, gpu in DQ_GPU_CONFIGS.items()

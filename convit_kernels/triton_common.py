@@ -142,6 +142,30 @@ def with_kwargs(config: triton.Config, **kwargs) -> triton.Config:
     return triton.Config(dict(config.kwargs, **kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def config_table(whole, tiled, forced, tiled_fp32, forced_fp32) -> dict:
+    """A kernel's GPU autotune lists keyed by (mode, ieee) (see ``triton_fwd.launch_mode``): N <= 256
+    ("short") tries the whole-row configs, then the tiled ones with WHOLE_ROW=False; N > 256 ("long")
+    the tiled ones; a forced key block its own list; fp32 (ieee) only small tiled configs."""
+    return {
+        ("short", False): whole + [with_kwargs(c, WHOLE_ROW=False) for c in tiled],
+        ("long", False): tiled,
+        ("forced", False): forced,
+        ("long", True): tiled_fp32,
+        ("forced", True): forced_fp32,
+    }
+
+
+# Under the interpreter, the forward and dq kernels run one small config per (mode, ieee) key
+# (once, untimed).
+INTERPRET_CONFIGS = {
+    ("short", False): cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
+    ("long", False): cfg(16, 4, BLOCK_N=32),
+    ("forced", False): cfg(16, 4),
+    ("long", True): cfg(16, 4, BLOCK_N=32),
+    ("forced", True): cfg(16, 4),
+}
+
+
 def configs(gpu_configs, interpret_config):
     """The list an autotuner gets: one config under the interpreter (its autotuner then runs the
     kernel once instead of timing it), the first GPU config alone with AUTOTUNE off, else all."""

@@ -27,9 +27,9 @@ import triton.language as tl
 # INTERPRET, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, choose_path, head_dim_split, pos_stats_launch: also used as
 # triton_fwd.* (triton_ops, tests), so re-exported here.
 from .triton_common import (  # noqa: F401
-    INTERPRET, LN2, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, _head_params, _load_rows, _mm, _pos_arg, _program_tile,
-    _rel_offsets, _scores, _store_rows, autotuner, cfg, check_index_range, choose_path, configs, head_dim_split,
-    pos_stats_launch, row_width, static_int, with_kwargs,
+    INTERPRET, INTERPRET_CONFIGS, LN2, MAX_HEAD_DIM, WHOLE_ROW_MAX_N, _head_params, _load_rows, _mm, _pos_arg,
+    _program_tile, _rel_offsets, _scores, _store_rows, autotuner, cfg, check_index_range, choose_path, config_table,
+    configs, head_dim_split, pos_stats_launch, row_width, static_int, with_kwargs,
 )
 
 __all__ = ["gpsa_fwd_launch", "kernel_plan", "pos_stats_launch", "head_dim_split", "INTERPRET", "WHOLE_ROW_MAX_N"]
@@ -56,21 +56,7 @@ _FWD_FORCED = [cfg(32, 4, 2), cfg(64, 8, 2)]
 _FWD_TILED_FP32 = [cfg(32, 8, 1, BLOCK_N=32), cfg(16, 4, 1, BLOCK_N=32)]
 _FWD_FORCED_FP32 = [cfg(32, 8, 1)]
 # Keyed by (mode, ieee); see ``launch_mode``.
-FWD_GPU_CONFIGS = {
-    ("short", False): _FWD_WHOLE + [with_kwargs(c, WHOLE_ROW=False) for c in _FWD_TILED],
-    ("long", False): _FWD_TILED,
-    ("forced", False): _FWD_FORCED,
-    ("long", True): _FWD_TILED_FP32,
-    ("forced", True): _FWD_FORCED_FP32,
-}
-# Under the interpreter: one small config per list (it runs once, untimed).
-_FWD_INTERPRET_CONFIGS = {
-    ("short", False): cfg(16, 4, WHOLE_ROW=True, BLOCK_N=16),
-    ("long", False): cfg(16, 4, BLOCK_N=32),
-    ("forced", False): cfg(16, 4),
-    ("long", True): cfg(16, 4, BLOCK_N=32),
-    ("forced", True): cfg(16, 4),
-}
+FWD_GPU_CONFIGS = config_table(_FWD_WHOLE, _FWD_TILED, _FWD_FORCED, _FWD_TILED_FP32, _FWD_FORCED_FP32)
 
 
 def fwd_shared_memory(meta: dict, num_stages: int) -> int:
@@ -196,7 +182,7 @@ def _gpsa_fwd_kernel(
 
 
 _FWD_TUNERS = {
-    key: autotuner(_gpsa_fwd_kernel, configs(gpu, _FWD_INTERPRET_CONFIGS[key]),
+    key: autotuner(_gpsa_fwd_kernel, configs(gpu, INTERPRET_CONFIGS[key]),
                    ["N", "HEAD_DIM"] + (["BLOCK_N"] if key[0] == "forced" else []), fwd_shared_memory,
                    "_gpsa_fwd_kernel")
     for key, gpu in FWD_GPU_CONFIGS.items()
