@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
-__all__ = ["TrainConfig", "DIGITS_PRESET", "build_parser", "parse_config"]
+__all__ = ["TrainConfig", "DIGITS_PRESET", "build_parser", "parse_config", "parse_stop_signals"]
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -100,11 +100,16 @@ class TrainConfig:
         "help": "start a new run in an --output-dir that holds one: its checkpoint.pth and log.txt are moved "
                 "to <output_dir>/replaced-<UTC time>/"})
     resume: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint (or output directory) to continue; flags not given are the checkpoint's"})
+        "help": "checkpoint (or output directory) to continue; flags not given are the checkpoint's. 'auto': "
+                "continue the run in --output-dir if it holds a complete checkpoint, else start a new one there "
+                "(one command line for the first start and every restart)"})
     eval: bool = field(default=False, metadata={"help": "only evaluate (with --resume or --pretrained)"})
     save_every: int = field(default=0, metadata={"help": "also save a checkpoint every N steps (0 = per epoch)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after this many steps in total"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per epoch"})
+    stop_signals: str = field(default="TERM", metadata={
+        "help": "signals (comma-separated: TERM, USR1, USR2, INT, HUP; or 'none') on which every process "
+                "finishes its current step, the run saves a checkpoint at that step and exits with status 3"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -155,6 +160,14 @@ class TrainConfig:
             bad("num_workers", f"must be >= 0; got {self.num_workers}")
         if self.local_up_to_layer < 0:
             bad("local_up_to_layer", f"must be >= 0; got {self.local_up_to_layer}")
+        if self.resume == "auto":
+            if not self.output_dir:
+                bad("resume", "auto continues the run in --output-dir: give --output-dir")
+            if self.overwrite:
+                bad("overwrite", "cannot be combined with --resume auto (every restart would move the run aside)")
+            if self.eval:
+                bad("eval", "needs the checkpoint to evaluate: --resume PATH, not --resume auto")
+        parse_stop_signals(self.stop_signals)
         choices = gpsa_backend_choices()
         if self.gpsa_backend not in choices:
             bad("gpsa_backend", f"must be one of {choices}; got {self.gpsa_backend!r}")
@@ -168,6 +181,30 @@ DIGITS_PRESET = dict(
     sched_on_updates=True, aa="none", color_jitter=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1,
     repeated_aug=False, digits_shift=0,
 )
+
+
+STOP_SIGNAL_NAMES = ("TERM", "USR1", "USR2", "INT", "HUP")
+
+
+def parse_stop_signals(text: str) -> tuple:
+    """``--stop-signals`` text -> tuple of ``signal.Signals`` (empty for 'none'); ValueError naming
+    the flag for an unknown name. Accepts 'TERM' and 'SIGTERM', any case."""
+    import signal
+    if not isinstance(text, str):
+        raise TypeError(f"--stop-signals: expected a string such as 'TERM,USR1'; got {type(text).__name__}")
+    if text.strip().lower() in ("", "none"):
+        return ()
+    found = []
+    for part in text.split(","):
+        name = part.strip().upper()
+        name = name[3:] if name.startswith("SIG") else name
+        if name not in STOP_SIGNAL_NAMES or not hasattr(signal, "SIG" + name):
+            raise ValueError(f"--stop-signals: {part.strip()!r} is not one of {', '.join(STOP_SIGNAL_NAMES)} "
+                             "(or 'none')")
+        sig = getattr(signal, "SIG" + name)
+        if sig not in found:
+            found.append(sig)
+    return tuple(found)
 
 
 def _parse_bool(text: str) -> bool:
@@ -220,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 # never taken from the checkpoint's saved config (a first run's --max_steps 3 must not stop the
 # continuation, nor its --device pin the next machine).
 RUN_FIELDS = ("resume", "eval", "output_dir", "overwrite", "max_steps", "progress", "save_every", "device",
-              "amp", "compile", "num_workers", "threads", "gpsa_backend", "pretrained", "strict_data")
+              "amp", "compile", "num_workers", "threads", "gpsa_backend", "pretrained", "strict_data",
+              "stop_signals")
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -231,6 +269,18 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     (``convit.train`` then refuses the changes it cannot honour).
     """
     given = vars(build_parser().parse_args(argv))
+    if given.get("resume") == "auto":
+        # The run in --output-dir, if it holds one (train() finds the same file again and logs it).
+        from .train_state import find_resumable, load_training_checkpoint
+        if not given.get("output_dir"):
+            raise ValueError("--resume: auto continues the run in --output-dir: give --output-dir")
+        if given.get("overwrite"):
+            raise ValueError("--overwrite: cannot be combined with --resume auto (every restart would move the run "
+                             "aside)")
+        found = find_resumable(given["output_dir"])
+        if found.path is None:
+            return resolve(given)
+        return resolve_resumed(given, load_training_checkpoint(found.path, mmap=True)["config"])
     if given.get("resume"):
         from .train_state import load_training_checkpoint, resume_path
         saved = load_training_checkpoint(resume_path(given["resume"]), mmap=True)["config"]

@@ -19,10 +19,10 @@ import time
 import torch
 
 from .config import RUN_FIELDS
-from .train_state import CHECKPOINT_NAME, load_training_checkpoint
+from .train_state import CHECKPOINT_NAME, PREVIOUS_NAME, load_training_checkpoint
 
 __all__ = ["LOG_NAME", "ARCH_FIELDS", "ORDER_FIELDS", "SCHEDULE_FIELDS", "claim_output_dir", "describe_run",
-           "resume_plan", "carry_log", "read_training_log"]
+           "move_aside", "continues_run_in", "resume_plan", "carry_log", "read_training_log"]
 
 LOG_NAME = "log.txt"
 
@@ -33,6 +33,9 @@ LOG_NAME = "log.txt"
 ARCH_FIELDS = ("model", "input_size", "nb_classes", "embed_dim", "local_up_to_layer", "locality_strength")
 ORDER_FIELDS = ("synthetic", "sampling_ratio", "batch_size", "repeated_aug", "seed", "sched_on_updates")
 SCHEDULE_FIELDS = ("epochs", "lr", "unscale_lr", "warmup_epochs", "warmup_lr", "min_lr")
+
+
+RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, LOG_NAME)
 
 
 def describe_run(out_dir: str, found) -> str:
@@ -48,10 +51,29 @@ def describe_run(out_dir: str, found) -> str:
             + (f", and {LOG_NAME}" if LOG_NAME in found else ""))
 
 
+def move_aside(out_dir: str, names) -> str:
+    """Move ``out_dir``'s files ``names`` into a new ``out_dir/replaced-<UTC time>/``; returns it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = os.path.join(out_dir, f"replaced-{stamp}"), 1
+    while os.path.exists(dest):
+        dest, n = os.path.join(out_dir, f"replaced-{stamp}-{n}"), n + 1
+    os.makedirs(dest)
+    for name in names:
+        os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    return dest
+
+
+def continues_run_in(out_dir: str, resume_file) -> bool:
+    """Whether ``resume_file`` is the checkpoint (or the previous one) of the run in ``out_dir``."""
+    return (resume_file is not None and os.path.basename(resume_file) in (CHECKPOINT_NAME, PREVIOUS_NAME)
+            and os.path.realpath(os.path.dirname(os.path.abspath(resume_file))) == os.path.realpath(out_dir))
+
+
 def claim_output_dir(out_dir, resume_file, overwrite: bool, say, is_main: bool = True, agree=None) -> None:
     """Refuse to start a new run over one already in ``out_dir`` (its checkpoint would be replaced
-    at the first save, its log appended to), unless this run continues it (``--resume`` of that
-    very checkpoint) or ``--overwrite`` says to start over: the old files are then moved aside.
+    at the first save, its log appended to), unless this run continues it (``--resume`` of its
+    checkpoint or of the previous one) or ``--overwrite`` says to start over: the old files are
+    then moved aside.
 
     Rank 0 (``is_main``) decides; under DDP ``agree(flag)`` sums a 0/1 refusal over the ranks so
     that every rank raises together."""
@@ -59,21 +81,14 @@ def claim_output_dir(out_dir, resume_file, overwrite: bool, say, is_main: bool =
         return
     refused = None
     if is_main:
-        ckpt = os.path.join(out_dir, CHECKPOINT_NAME)
-        found = [name for name in (CHECKPOINT_NAME, LOG_NAME) if os.path.isfile(os.path.join(out_dir, name))]
-        continuing = resume_file is not None and os.path.realpath(resume_file) == os.path.realpath(ckpt)
+        found = [name for name in RUN_FILES if os.path.isfile(os.path.join(out_dir, name))]
+        continuing = continues_run_in(out_dir, resume_file)
         if continuing and overwrite:
             refused = (f"--overwrite with --resume {resume_file}: the run to continue is the one --overwrite would "
                        "move aside; give one of them")
         elif found and not continuing:
             if overwrite:
-                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-                dest, n = os.path.join(out_dir, f"replaced-{stamp}"), 1
-                while os.path.exists(dest):
-                    dest, n = os.path.join(out_dir, f"replaced-{stamp}-{n}"), n + 1
-                os.makedirs(dest)
-                for name in found:
-                    os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+                dest = move_aside(out_dir, found)
                 say(f"--overwrite: moved the previous run's {' and '.join(found)} to {dest}")
             else:
                 refused = (f"--output-dir {out_dir} already holds a run ({describe_run(out_dir, found)}); pass "

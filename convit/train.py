@@ -10,6 +10,11 @@ Reproducibility: every step reseeds torch (drop path), the batch augmentations a
 from (seed, rank, epoch, batch), and every image's augmentation is seeded by the sampler; with
 the optimizer, schedule and meters restored from a checkpoint, a run resumed at any step (even
 after SIGKILL, with ``--save-every``) ends with exactly the weights of an uninterrupted run on CPU.
+
+Faults: ``--resume auto`` makes one command line start a run and continue it after any restart
+(torchrun ``--max-restarts``, a requeued job). A stop signal (``--stop-signals``, SIGTERM by
+default) is agreed on by all ranks inside the step's loss all-reduce; every rank finishes that
+step, rank 0 saves a checkpoint there, and the process exits with ``EXIT_STOPPED`` (3).
 """
 from __future__ import annotations
 
@@ -19,8 +24,11 @@ import dataclasses
 import json
 import math
 import os
+import functools
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -29,22 +37,83 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .batch_augment import Mixup, RandomErasing, soft_target_cross_entropy
-from .config import TrainConfig, parse_config
+from .config import TrainConfig, parse_config, parse_stop_signals
 from .data import UnreadableImageError, build_datasets, collate
 from .locality import layer_locality_stats
 from .models import ConViT, create_model
 from .optim import WarmupCosineSchedule, create_optimizer, scaled_lr
-from .runs import LOG_NAME, carry_log, claim_output_dir, resume_plan
+from .runs import LOG_NAME, carry_log, claim_output_dir, continues_run_in, move_aside, resume_plan
 from .samplers import BatchPlan, EvalSampler, TrainSampler, mix_seed
-from .train_state import (CHECKPOINT_NAME, capture_rng_state, load_training_checkpoint, restore_rng_state,
-                          resume_path, save_checkpoint)
+from .train_state import (AUTO, CHECKPOINT_NAME, PREVIOUS_NAME, capture_rng_state, find_resumable,
+                          load_training_checkpoint, remove_stale_temporaries, restore_rng_state, resume_path,
+                          save_checkpoint)
 from .weights import load_checkpoint
 
-__all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError"]
+__all__ = ["train", "main", "build_model", "evaluate", "NonFiniteLossError", "StopSignals", "EXIT_STOPPED"]
+
+EXIT_STOPPED = 3  # convit-train's exit status after a stop signal (a checkpoint was saved at the stop step)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StopSignals:
+    """Record the first stop signal (``--stop-signals``) instead of dying of it.
+
+    The handler only sets ``signum`` (and says so on stderr with ``os.write``, which is safe in a
+    handler): the training loop agrees on it across ranks at the next step's loss all-reduce,
+    finishes that step and saves. A second signal while stopping changes nothing (the checkpoint
+    is written atomically in any case); SIGKILL still stops at once. Handlers are installed only
+    in the main thread (Python allows no other) and the previous ones are restored by ``restore``.
+    """
+
+    def __init__(self, signums=(), announce: bool = True):
+        self.signums, self.announce = tuple(signums), announce
+        self.signum = None
+        self._previous = {}
+        self._pid = os.getpid()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a stop signal on another rank"
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child that inherited the handler: not ours to report
+            return
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            text = (f"convit-train: {name} received: finishing the current step, then saving a checkpoint and "
+                    f"exiting with status {EXIT_STOPPED}\n")
+        else:
+            text = f"convit-train: {name} received again: already stopping (the checkpoint is written atomically)\n"
+        if self.announce:
+            try:
+                os.write(2, text.encode())
+            except OSError:
+                pass
+
+
+def _ignore_signals(signums, worker_id=None) -> None:
+    """DataLoader ``worker_init_fn``: a stop signal sent to the whole process group (torchrun
+    forwards signals with killpg) must not kill the workers the main process still reads from."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------- set-up
@@ -70,8 +139,54 @@ def setup_distributed(device_type: str) -> Dist:
         return Dist(rank, world, local_rank)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("convit-train", _attempt_store(rank, world)),
+                                rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return Dist(rank, world, local_rank, initialised_here=True)
+
+
+def _attempt_store(rank: int, world: int, timeout: float = 1800.0):
+    """A key-value store that belongs to this attempt of a torchrun job alone.
+
+    Under torchrun the workers share the agent's store by default, and it outlives a restart:
+    the restarted workers can read the previous attempt's addresses from it and fail to connect
+    (gloo "connectFullMesh ... Connection refused", NCCL likewise; torch issues 135712 and 167288).
+    So rank 0 starts a fresh store on a free port and publishes its address and a random token
+    in the agent's store; the other ranks connect to the address they read there and accept it
+    only if the store answers with that token: an address left by the previous attempt points to
+    a store that died with it, so they read again until rank 0 of this attempt has replaced it.
+    """
+    import datetime
+    import uuid
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    key = f"convit-train/attempt-store/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    if rank == 0:
+        import socket
+        host = socket.getfqdn(socket.gethostname())
+        own = dist.TCPStore(host, 0, world, is_master=True, timeout=datetime.timedelta(seconds=timeout),
+                            wait_for_workers=False)
+        token = uuid.uuid4().hex
+        own.set("token", token)
+        agent.set(key, f"{host} {own.port} {token}")
+        return own
+    deadline = time.monotonic() + timeout
+    while True:
+        host, port, token = agent.get(key).decode().split()
+        try:
+            own = dist.TCPStore(host, int(port), world, is_master=False, timeout=datetime.timedelta(seconds=5))
+            if own.get("token").decode() == token:
+                own.set_timeout(datetime.timedelta(seconds=timeout))
+                return own
+        except (RuntimeError, ValueError):  # DistNetworkError / DistStoreError are RuntimeErrors
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: no store from rank 0 of this attempt after {timeout:g} s (last address "
+                               f"read: {host}:{port})")
+        time.sleep(0.2)
 
 
 def available_cores() -> int:
@@ -218,16 +333,22 @@ def train(config: TrainConfig) -> dict:
     why_threads = "--threads" if given_threads else default_threads(config, config.num_workers)[1]
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)  # process-wide: restored on the way out
-    world = setup_distributed(torch.device(config.device).type)
+    stop = StopSignals(parse_stop_signals(config.stop_signals) if not config.eval else (),
+                       announce=int(os.environ.get("RANK", "0")) == 0).install()
     try:
-        return _train(config, world, why_threads)
+        world = setup_distributed(torch.device(config.device).type)
+        try:
+            return _train(config, world, why_threads, stop)
+        finally:
+            if world.initialised_here:
+                dist.destroy_process_group()
     finally:
+        stop.restore()
         torch.set_num_threads(previous_threads)
-        if world.initialised_here:
-            dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
+def _train(config: TrainConfig, world: Dist, why_threads: str = "", stop: Optional[StopSignals] = None) -> dict:
+    stop = stop or StopSignals()
     device = torch.device(config.device)
     if device.type == "cuda" and world.world_size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -238,14 +359,38 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
 
     # Everything that can refuse the run does so before any data or model is built: the output
     # folder, then the checkpoint to resume and how this run's flags differ from its config.
-    resume_file = resume_path(config.resume) if config.resume else None
     out_dir = None if config.eval else config.output_dir
+    if config.resume == AUTO:
+        found = find_resumable(out_dir, LOG_NAME)
+        resume_file = found.path
+        say(found.note)
+    else:
+        resume_file = resume_path(config.resume) if config.resume else None
     agree = (lambda flag: _all_reduce_sum([flag], device, world)[0]) if world.world_size > 1 else None
     claim_output_dir(out_dir, resume_file, config.overwrite, say, world.is_main, agree)
     state, plan_changes = None, {}
     if resume_file:
         state = load_training_checkpoint(resume_file)
         plan_changes = resume_plan(config, state, world.world_size)
+    if world.world_size > 1:
+        # Every rank must continue from the same step (they all read the folder on their own).
+        step = float(state["global_step"]) if state is not None else -1.0
+        lo_hi = torch.tensor([-step, step], dtype=torch.float64, device=device)
+        dist.all_reduce(lo_hi, op=dist.ReduceOp.MAX)
+        if -lo_hi[0].item() != lo_hi[1].item():
+            raise ValueError(f"--resume {config.resume}: the processes found different checkpoints to continue from "
+                             f"(steps {-lo_hi[0].item():g} to {lo_hi[1].item():g}, -1 = none); the --output-dir must "
+                             "be one folder every node shares")
+    # Continuing from the previous checkpoint while checkpoint.pth is there (unusable, or passed
+    # over on purpose): the first save moves that file aside instead of rotating it into place.
+    set_aside = None
+    if (out_dir and resume_file and os.path.basename(resume_file) == PREVIOUS_NAME
+            and continues_run_in(out_dir, resume_file) and os.path.isfile(os.path.join(out_dir, CHECKPOINT_NAME))):
+        set_aside = CHECKPOINT_NAME
+    if out_dir and world.is_main:
+        stale = remove_stale_temporaries(out_dir)
+        if stale:
+            say(f"removed {len(stale)} temporary file(s) of interrupted checkpoint saves in {out_dir}: {', '.join(stale)}")
 
     # Data first: wrong paths and empty class folders fail here, before any model is built.
     data = build_datasets(config)
@@ -332,10 +477,11 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
         del state
 
     pin = device.type == "cuda"
+    worker_init = functools.partial(_ignore_signals, stop.signums) if stop.signums else None
     eval_loader = torch.utils.data.DataLoader(
         data.val, batch_sampler=BatchPlan(EvalSampler(len(data.val), world.world_size, world.rank),
                                           2 * config.batch_size, drop_last=False),
-        num_workers=config.num_workers, collate_fn=collate, pin_memory=pin)
+        num_workers=config.num_workers, collate_fn=collate, pin_memory=pin, worker_init_fn=worker_init)
     eval_model = torch.compile(model) if config.compile else model
 
     if config.eval:
@@ -377,7 +523,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     # persistent workers too.
     train_loader = torch.utils.data.DataLoader(
         data.train, batch_sampler=plan, num_workers=config.num_workers, collate_fn=collate, pin_memory=pin,
-        persistent_workers=config.num_workers > 0)
+        persistent_workers=config.num_workers > 0, worker_init_fn=worker_init)
     erasing = RandomErasing(config.reprob)
     mixup = Mixup(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob, config.smoothing,
                   data.num_classes)
@@ -389,9 +535,14 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     ckpt_path = os.path.join(out_dir, CHECKPOINT_NAME) if out_dir else None
 
     def save(epoch, step_in_epoch):
-        nonlocal saved_step
+        nonlocal saved_step, set_aside
         if not (ckpt_path and world.is_main):
             return
+        if set_aside and os.path.isfile(ckpt_path):
+            # Every rank has read its checkpoint by now (the first step's collectives came before).
+            dest = move_aside(out_dir, [set_aside])
+            say(f"moved the {CHECKPOINT_NAME} this run did not continue from to {dest}")
+        set_aside = None
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -399,7 +550,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "config": config.to_dict(), "rng": capture_rng_state(), "meters": dict(meters),
             "best_acc1": best_acc1, "n_parameters": n_parameters, "history": history,
-            "world_size": world.world_size, "resumes": resumes})
+            "world_size": world.world_size, "resumes": resumes}, previous=os.path.join(out_dir, PREVIOUS_NAME))
         saved_step = global_step
 
     # The base lr and schedule length actually in use (a resumed schedule may differ from the flags
@@ -410,6 +561,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
     run_skipped, warned = set(), set()
     skipped_total, run_images, run_train_time = 0, 0, 0.0
     stopped_early = False
+    stopped_at = None  # (epoch, step_in_epoch) where a stop signal ended the run
     run_start = time.time()
     last_stats = None
     for epoch in range(start_epoch, config.epochs):
@@ -449,11 +601,16 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
                 logits = train_model(images)
             loss = soft_target_cross_entropy(logits, soft_targets)
 
-            loss_value = loss.detach().clone()
+            # The stop flag rides on the loss all-reduce: every rank learns at this step whether any
+            # rank got a stop signal, so all of them stop after the same step, at no extra collective.
             if world.world_size > 1:
-                dist.all_reduce(loss_value)
-                loss_value /= world.world_size
-            loss_value = loss_value.item()
+                packed = torch.stack([loss.detach(), torch.tensor(float(stop.requested), dtype=loss.dtype,
+                                                                  device=device)])
+                dist.all_reduce(packed)
+                loss_value, stop_flag = (packed / world.world_size).tolist()
+                stop_now = stop_flag > 0
+            else:
+                loss_value, stop_now = loss.detach().item(), stop.requested
             if not math.isfinite(loss_value):
                 if saved_step is not None:
                     kept = f"the last good checkpoint {ckpt_path} (step {saved_step}) is kept"
@@ -498,6 +655,12 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                 img_s=f"{meters['images'] / max(meters['time'], 1e-9):.0f}")
+            if stop_now:
+                # At the epoch's last step too: a resume at batch == steps_per_epoch runs no step and
+                # goes on to the epoch's evaluation, so evaluation is not spent on the way out.
+                stopped_at = (epoch, i + 1)
+                save(epoch, i + 1)
+                break
             if config.max_steps is not None and global_step >= config.max_steps:
                 stopped_early = i + 1 < steps_per_epoch
                 if stopped_early:
@@ -515,7 +678,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
         skipped_count = len(skipped_paths)
         run_skipped.update(skipped_paths)
         skipped_total = len(run_skipped)
-        if stopped_early:
+        if stopped_early or stopped_at:
             break
 
         test = evaluate(eval_model, eval_loader, device, config.amp, world)
@@ -550,6 +713,11 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
         save(epoch + 1, 0)
         if config.max_steps is not None and global_step >= config.max_steps:
             break
+        # A signal that came during the evaluation: stop at this epoch's checkpoint (ranks agree).
+        if epoch + 1 < config.epochs and (_all_reduce_sum([float(stop.requested)], device, world)[0]
+                                          if world.world_size > 1 else stop.requested):
+            stopped_at = (epoch + 1, 0)
+            break
 
     elapsed = time.time() - run_start
     img_s = run_images / max(run_train_time, 1e-9)
@@ -558,7 +726,16 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "") -> dict:
                "time_s": elapsed, "train_images_per_s": img_s, "n_parameters": n_parameters,
                "skipped_images": skipped_total, "skipped_val_images": val_unreadable,
                "stopped_early": stopped_early, "output_dir": out_dir, "log": history}
-    if stopped_early:
+    if stopped_at:
+        summary.update(stopped_by=stop.name(), stopped_at={"epoch": stopped_at[0], "step_in_epoch": stopped_at[1],
+                                                            "global_step": global_step},
+                       checkpoint=ckpt_path)
+        say(f"stopped by {stop.name()} after step {global_step} (epoch {stopped_at[0]}, batch {stopped_at[1]} of "
+            f"{steps_per_epoch}), {elapsed:.1f} s; "
+            + (f"checkpoint {ckpt_path} saved at that step; the same command with --resume auto (or --resume "
+               f"{out_dir}) continues it" if ckpt_path else "no --output-dir: nothing saved")
+            + f"; exit status {EXIT_STOPPED}")
+    elif stopped_early:
         say(f"stopped after step {global_step} (--max_steps) in the middle of an epoch, {elapsed:.1f} s, "
             f"{img_s:.0f} training img/s" + (f"; resume with --resume {ckpt_path}" if ckpt_path else ""))
     elif last_stats is not None:
@@ -598,10 +775,12 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``convit-train`` console script: 0 on success, 1 for a non-finite loss, 2 with one
-    ``convit-train: error:`` line for bad flags, paths, checkpoints or (with --strict-data) images."""
+    ``convit-train: error:`` line for bad flags, paths, checkpoints or (with --strict-data) images,
+    ``EXIT_STOPPED`` (3) after a stop signal (``--stop-signals``), the checkpoint saved at that step."""
     try:
         config = parse_config(argv)
-        train(config)
+        if train(config).get("stopped_by"):
+            return EXIT_STOPPED
     except NonFiniteLossError as err:
         print(f"convit-train: error: {err}", file=sys.stderr)
         return 1
