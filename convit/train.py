@@ -140,7 +140,8 @@ def setup_distributed(device_type: str) -> Dist:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarts:
         dist.init_process_group(backend=backend, store=dist.PrefixStore("convit-train", _attempt_store(rank, world)),
                                 rank=rank, world_size=world)
     else:
@@ -390,7 +391,8 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "", stop: Option
     if out_dir and world.is_main:
         stale = remove_stale_temporaries(out_dir)
         if stale:
-            say(f"removed {len(stale)} temporary file(s) of interrupted checkpoint saves in {out_dir}: {', '.join(stale)}")
+            say(f"removed {len(stale)} temporary file(s) of interrupted checkpoint saves in {out_dir}: "
+                + ", ".join(stale))
 
     # Data first: wrong paths and empty class folders fail here, before any model is built.
     data = build_datasets(config)
@@ -550,7 +552,7 @@ def _train(config: TrainConfig, world: Dist, why_threads: str = "", stop: Option
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "config": config.to_dict(), "rng": capture_rng_state(), "meters": dict(meters),
             "best_acc1": best_acc1, "n_parameters": n_parameters, "history": history,
-            "world_size": world.world_size, "resumes": resumes}, previous=os.path.join(out_dir, PREVIOUS_NAME))
+            "world_size": world.world_size, "resumes": resumes})
         saved_step = global_step
 
     # The base lr and schedule length actually in use (a resumed schedule may differ from the flags

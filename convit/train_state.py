@@ -10,8 +10,8 @@ A checkpoint is a plain dict of tensors and Python primitives::
 
 ``save_checkpoint`` writes a temporary file next to the target, fsyncs it and ``os.replace``s it
 over the target, so a crash (even SIGKILL) leaves either the old or the new checkpoint, never a
-torn one. With ``previous`` it first makes the checkpoint it replaces the previous one
-(``checkpoint.prev.pth``, a hard link renamed into place), so that a checkpoint damaged after it
+torn one. It also keeps the checkpoint it replaces as the previous one (``checkpoint.prev.pth``,
+a hard link renamed into place), so that a checkpoint damaged after it
 was written (a copy cut short, a full disk on a file system that lied about fsync) still has a
 complete predecessor. ``load_training_checkpoint`` raises ``CheckpointError`` (a ValueError) with
 the path and the reason for a missing, truncated or foreign file; ``find_resumable`` picks the
@@ -30,12 +30,12 @@ import torch
 from .weights import describe_load_error
 
 __all__ = ["FORMAT", "CHECKPOINT_NAME", "PREVIOUS_NAME", "AUTO", "CheckpointError", "save_checkpoint",
-           "remove_stale_temporaries", "load_training_checkpoint", "resume_path", "find_resumable", "Resumable",
-           "capture_rng_state", "restore_rng_state"]
+           "previous_path", "remove_stale_temporaries", "load_training_checkpoint", "resume_path", "find_resumable",
+           "Resumable", "capture_rng_state", "restore_rng_state"]
 
 FORMAT = "convit-train/1"
 CHECKPOINT_NAME = "checkpoint.pth"
-PREVIOUS_NAME = "checkpoint.prev.pth"  # the checkpoint before the last one, kept by every save
+PREVIOUS_NAME = "checkpoint.prev.pth"  # the checkpoint before the last one, kept by every save (previous_path)
 AUTO = "auto"  # --resume auto
 
 
@@ -43,13 +43,19 @@ class CheckpointError(ValueError):
     pass
 
 
-def save_checkpoint(path: str, state: dict, previous: Optional[str] = None) -> None:
+def previous_path(path: str) -> str:
+    """Where ``save_checkpoint`` keeps the checkpoint before ``path``: ``checkpoint.prev.pth``."""
+    root, ext = os.path.splitext(path)
+    return root + ".prev" + ext
+
+
+def save_checkpoint(path: str, state: dict, keep_previous: bool = True) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
 
-    With ``previous``, the file ``path`` holds before this call becomes ``previous`` (replacing
-    it) once the new one is completely written and synced. At every instant ``path`` is complete
-    (the old or the new checkpoint) and so is ``previous`` (the one before); only on a file system
-    without hard links is there a moment with ``previous`` alone, which ``find_resumable`` uses.
+    With ``keep_previous``, the file ``path`` holds before this call becomes ``previous_path(path)``
+    (replacing it) once the new one is completely written and synced. At every instant ``path`` is
+    complete (the old or the new checkpoint) and so is the previous one; only on a file system
+    without hard links is there a moment with the previous one alone, which ``find_resumable`` uses.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -59,7 +65,8 @@ def save_checkpoint(path: str, state: dict, previous: Optional[str] = None) -> N
             torch.save(dict(state, format=FORMAT), f)
             f.flush()
             os.fsync(f.fileno())
-        if previous and os.path.isfile(path):
+        previous = previous_path(path)
+        if keep_previous and os.path.isfile(path):
             link = os.path.join(folder, f".{os.path.basename(previous)}.tmp.{os.getpid()}")
             try:
                 if os.path.lexists(link):

@@ -1,8 +1,8 @@
 """Training that survives the faults of a cluster, on the CPU with a tiny digits run (2 epochs of 8
 steps, a 32-wide model, every stochastic part of the recipe on, an EMA):
 
-- a rank SIGKILLed mid-epoch under ``torchrun --max-restarts=1`` (gloo): the restarted run
-  completes by itself with exactly the weights, EMA and log of an uninterrupted run;
+- under ``torchrun`` (gloo), a stop signal to one rank, then a rank SIGKILLed mid-epoch: the
+  restarted run completes by itself with exactly the weights, EMA and log of an uninterrupted run;
 - SIGTERM mid-epoch: the process finishes its step, saves there, exits with status 3, and
   ``--resume auto`` ends exactly where the uninterrupted run ends;
 - signals during the checkpoint write corrupt nothing;
@@ -10,7 +10,7 @@ steps, a 32-wide model, every stochastic part of the recipe on, an EMA):
   a previous one), a log without a checkpoint, and with changed flags.
 
 Faults are injected at a given step by ``FAULT_RUNNER`` (a script wrapping ``convit.train.main``),
-so each test is deterministic; only the run's first attempt is faulted (TORCHELASTIC_RESTART_COUNT).
+so each test is deterministic.
 """
 import json
 import os
@@ -30,22 +30,26 @@ ARGS = ["--epochs", "2", "--batch-size", "32", "--sampling_ratio", "0.2", "--emb
         "0.5", "--progress", "false", "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
         "--digits_shift", "1", "--seed", "1", "--model-ema", "--model-ema-decay", "0.9"]
 
-# Runs convit.train.main(argv); CONVIT_TEST_FAULT="<SIGNAL>@<step>[:<rank>]" makes that rank send
-# itself the signal as step <step> (1-based, counted in this process) begins, on the first attempt.
+# Runs convit.train.main(argv). CONVIT_TEST_FAULT="<SIGNAL>@<epoch>.<batch>[:<rank>],..." : the n-th
+# entry applies to attempt n (TORCHELASTIC_RESTART_COUNT): that rank sends itself the signal as
+# that training step begins (PG<SIGNAL>: to its whole process group, DataLoader workers included).
 FAULT_RUNNER = '''
 import os, signal, sys
 import convit.train as train_mod
-fault = os.environ.get("CONVIT_TEST_FAULT", "")
-if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-    name, _, where = fault.partition("@")
-    step, _, rank = where.partition(":")
+faults = [f for f in os.environ.get("CONVIT_TEST_FAULT", "").split(",") if f]
+attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+if attempt < len(faults):
+    name, _, where = faults[attempt].partition("@")
+    when, _, rank = where.partition(":")
+    epoch, batch = (int(v) for v in when.split("."))
     if int(os.environ.get("RANK", "0")) == int(rank or 0):
-        real, calls = train_mod.mix_seed, [0]
-        def faulty_mix_seed(*args):  # called once at the start of every training step
-            calls[0] += 1
-            if calls[0] == int(step):
+        real = train_mod.mix_seed
+        def faulty_mix_seed(seed, rank, e, i):  # called once as every training step begins
+            if (e, i) == (epoch, batch) and name.startswith("PG"):  # the whole process group, as torchrun
+                os.killpg(0, getattr(signal, "SIG" + name[2:]))
+            elif (e, i) == (epoch, batch):
                 os.kill(os.getpid(), getattr(signal, "SIG" + name))
-            return real(*args)
+            return real(seed, rank, e, i)
         train_mod.mix_seed = faulty_mix_seed
 sys.exit(train_mod.main(sys.argv[1:]))
 '''
@@ -96,42 +100,53 @@ def uninterrupted(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ a lost rank
-def test_torchrun_restart_after_a_rank_is_killed_matches_an_uninterrupted_run(tmp_path):
-    """Two processes (9 steps of 16 images each per epoch). Rank 1 SIGKILLs itself as step 14 of
-    18 begins (epoch 1, batch 4), after the --save-every checkpoint of step 12 (epoch 1, batch 3);
-    torchrun restarts both workers with the same command line, ``--resume auto`` continues from
-    step 12, and the end state is the uninterrupted two-process run's, bit for bit."""
+def test_torchrun_restarts_after_a_stop_signal_and_a_killed_rank_match_an_uninterrupted_run(tmp_path):
+    """Two processes under ``torchrun --max-restarts=2``, 9 steps of 16 images each per epoch.
+    Attempt 0: rank 1 alone gets SIGTERM as step 5 begins; both ranks stop after that step (they
+    agree in the loss all-reduce), rank 0 saves it, both exit with status 3. Attempt 1 continues
+    from step 5; rank 1 SIGKILLs itself as step 14 begins (epoch 1, batch 4), after the
+    --save-every checkpoint of step 12. Attempt 2 continues from step 12 and finishes. The end
+    state is the uninterrupted two-process run's, bit for bit."""
     runner = _runner(tmp_path)
     args = ARGS + ["--batch-size", "16", "--save-every", "3", "--resume", "auto"]
 
     def torchrun(out, fault):
         return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=2",
              "--monitor-interval=0.1", runner, *args, "--output-dir", str(out)],
             cwd=tmp_path, env=_env(CONVIT_TEST_FAULT=fault), capture_output=True, text=True, timeout=600)
 
     reference = torchrun(tmp_path / "reference", "")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    killed = torchrun(tmp_path / "killed", "KILL@14:1")
-    assert killed.returncode == 0, killed.stderr[-3000:]
-    # It was killed, restarted, and continued from the last checkpoint, not from scratch.
-    assert "failed (exitcode: -9) local_rank: 1" in killed.stderr, killed.stderr[-3000:]
-    assert "--resume auto: no checkpoint" in killed.stdout
-    assert "(epoch 1 of 2, batch 3, step 12)" in killed.stdout, killed.stdout[-3000:]
-    assert _state(tmp_path / "killed")["world_size"] == 2 and _state(tmp_path / "killed")["global_step"] == 18
-    assert_same_end_state(tmp_path / "killed", tmp_path / "reference")
+    faulty = torchrun(tmp_path / "faulty", "TERM@0.4:1,KILL@1.4:1")
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    said = faulty.stdout
+    assert "--resume auto: no checkpoint" in said
+    # Rank 0 got no signal, yet stopped after the same step as rank 1 and saved it.
+    assert "stopped by a stop signal on another rank after step 5 (epoch 0, batch 5 of 9)" in said, said[-3000:]
+    assert "failed (exitcode: 3)" in faulty.stderr, faulty.stderr[-3000:]  # torchrun names the first to exit
+    assert "(epoch 0 of 2, batch 5, step 5)" in said
+    # The SIGKILLed rank: continued from the last checkpoint, not from scratch.
+    assert "failed (exitcode: -9) local_rank: 1" in faulty.stderr, faulty.stderr[-3000:]
+    assert "(epoch 1 of 2, batch 3, step 12)" in said, said[-3000:]
+    assert _state(tmp_path / "faulty")["world_size"] == 2 and _state(tmp_path / "faulty")["global_step"] == 18
+    assert_same_end_state(tmp_path / "faulty", tmp_path / "reference")
 
 
 # ------------------------------------------------------------------------------- preemption
 def test_sigterm_mid_epoch_saves_that_step_and_resume_auto_matches(uninterrupted, tmp_path):
+    """SIGTERM to the process group (as torchrun sends it) as step 5 begins; the DataLoader worker
+    gets it too and must survive it (here, forked, by the handler it inherited, which stays silent;
+    a spawned worker ignores it through the worker_init_fn), since the run still reads from it."""
     runner, out = _runner(tmp_path), tmp_path / "run"
     args = ARGS + ["--output-dir", str(out), "--resume", "auto"]
-    proc = subprocess.run([sys.executable, runner, *args], cwd=tmp_path, env=_env(CONVIT_TEST_FAULT="TERM@5"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, runner, *args, "--num-workers", "1"], cwd=tmp_path,
+                          env=_env(CONVIT_TEST_FAULT="PGTERM@0.4"), capture_output=True, text=True, timeout=600,
+                          start_new_session=True)
     assert proc.returncode == train_mod.EXIT_STOPPED == 3, proc.stderr[-3000:]
     stops = [line for line in proc.stdout.splitlines() if line.startswith("stopped by SIGTERM")]
     assert len(stops) == 1 and "after step 5 (epoch 0, batch 5 of 8)" in stops[0] and "--resume auto" in stops[0]
-    assert "SIGTERM received" in proc.stderr
+    assert proc.stderr.count("SIGTERM received") == 1, proc.stderr[-3000:]
     state = _state(out)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 5, 5)
     assert not (out / "log.txt").exists()  # no epoch ended
@@ -178,7 +193,11 @@ def test_signals_during_the_checkpoint_write_corrupt_nothing(uninterrupted, tmp_
     assert (_state(out)["epoch"], _state(out)["step_in_epoch"], _state(out)["global_step"]) == (0, 8, 8)
     assert _state(out, PREVIOUS_NAME)["global_step"] == 7
     assert sorted(os.listdir(out)) == [PREVIOUS_NAME, CHECKPOINT_NAME]
+    # What a SIGKILL in the middle of a save leaves: its temporary file, removed at the next start.
+    (out / ".checkpoint.pth.tmp.999999").write_bytes(b"PK\x03\x04 torn")
     assert train_mod.main(args) == 0  # resumes at batch 8 of 8: evaluates epoch 0, trains epoch 1
+    assert "removed 1 temporary file(s) of interrupted checkpoint saves" in capfd.readouterr().out
+    assert sorted(os.listdir(out)) == [PREVIOUS_NAME, CHECKPOINT_NAME, "log.txt"]
     assert_same_end_state(out, uninterrupted)
 
 
@@ -291,3 +310,20 @@ def test_bad_fault_flags_are_one_line_errors(argv, named, tmp_path, capsys):
     assert train_mod.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("convit-train: error: ") and named in err and "\n" not in err, err
+
+
+def test_stop_signals_record_the_signal_and_restore_the_handlers():
+    before = signal.getsignal(signal.SIGUSR2)
+    stop = train_mod.StopSignals((signal.SIGUSR2,), announce=False).install()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested and stop.name() == "SIGUSR2"
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR2) is before
+    train_mod._ignore_signals((signal.SIGUSR2,))  # what a spawned DataLoader worker runs first
+    try:
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, before)
