@@ -74,7 +74,7 @@ def _state(folder, name=CHECKPOINT_NAME):
 
 def _log(folder):
     """log.txt without its wall-clock field (throughput differs between any two runs)."""
-    lines = [json.loads(line) for line in open(folder / "log.txt")]
+    lines = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
     for line in lines:
         line.pop("train_images_per_s")
     return lines
