@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
-import functools
 import random
 import signal
 import sys
