@@ -265,6 +265,10 @@ def test_resume_auto_on_a_truncated_checkpoint_falls_back_on_the_previous(uninte
     shutil.copytree(stopped_run, run)
     torn = _truncate(run / CHECKPOINT_NAME)
     capsys.readouterr()
+    # --resume DIR names that very checkpoint: refused, pointing at the previous one.
+    assert train_mod.main(ARGS + ["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "is truncated" in err and f"{run / PREVIOUS_NAME}, may be complete" in err, err
     assert train_mod.main(ARGS + ["--output-dir", str(run), "--resume", "auto"]) == 0
     said = capsys.readouterr().out
     assert "is truncated" in said and f"continuing from the previous complete checkpoint {run / PREVIOUS_NAME}" in said
