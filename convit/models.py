@@ -167,7 +167,7 @@ class GPSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.locality_strength = locality_strength
         self.gating_param = nn.Parameter(torch.ones(num_heads))
-        self.grid_size = grid_size
+        self.grid_size = None if grid_size is None else _pair(grid_size)  # a tuple, for TorchScript
         self.backend = _check_backend_name(backend)
         self.apply(_init_weights)
         if use_local_init:
