@@ -11,17 +11,21 @@ fused kernels form relative positions from row/column indices).
 Analysis of a trained model (nonlocality, attention centres, the inputs each layer sees) lives in
 ``convit.locality``, which reads this module and is never imported by it at load time; the
 official ``get_attention_map`` methods below are thin calls into it.
+
+Export: every module here traces with ``torch.fx`` (GPSA's kernel call is an FX leaf function, so
+no per-call check on tensor values reaches the tracer), scripts with ``torch.jit.script`` and
+exports with ``torch.export`` and ``torch.onnx.export(dynamo=True)``; a swapped timm ConViT too.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import convit_kernels as ck
+from convit_kernels import gpsa_attention
 from convit_kernels.backends import KNOWN_BACKENDS
 from convit_kernels.reference import gpsa_attention_probs
 
@@ -43,6 +47,16 @@ def _check_backend_name(backend: str) -> str:
     return backend
 
 
+def _check_image_size(x: torch.Tensor, img_size: Tuple[int, int]) -> torch.Tensor:
+    """``x`` itself, if it is a batch of ``img_size`` images; an FX leaf (its check reads x's shape)."""
+    if x.dim() != 4 or x.shape[-2] != img_size[0] or x.shape[-1] != img_size[1]:
+        raise ValueError(f"expected images of shape (B, C, {img_size[0]}, {img_size[1]}); got {x.shape}")
+    return x
+
+
+torch.fx.wrap("_check_image_size")
+
+
 class PatchEmbed(nn.Module):
     """Image to patch embeddings: (B, C, H, W) -> (B, rows * cols, embed_dim), patches row-major."""
 
@@ -57,9 +71,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x):
-        if x.dim() != 4 or tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected images of shape (B, C, {self.img_size[0]}, {self.img_size[1]}); "
-                             f"got {tuple(x.shape)}")
+        x = _check_image_size(x, self.img_size)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -86,11 +98,47 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"
+
+
+def _token_grid(n: int, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The (rows, cols) grid of n tokens: ``grid_size`` checked, or the square grid when it is None."""
+    if grid_size is not None:
+        rows, cols = grid_size
+        if rows * cols != n:
+            raise ValueError(f"GPSA got {n} tokens but its grid_size ({rows}, {cols}) has {rows * cols}")
+        return rows, cols
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"GPSA got {n} tokens, not a square grid: set its grid_size=(rows, cols)")
+    return side, side
+
+
+def gpsa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor, pos_bias: torch.Tensor,
+              gating: torch.Tensor, grid_size: Optional[Tuple[int, int]], scale: float,
+              backend: str) -> torch.Tensor:
+    """GPSA's kernel call: ``gpsa_attention`` on the grid of q's N tokens (``grid_size``, or square).
+
+    An FX leaf (``torch.fx.wrap`` below): tracers record one call here instead of tracing the
+    argument checks and the backend dispatch, which read tensor shapes and devices. Scriptable.
+    """
+    grid = _token_grid(q.shape[2], grid_size)
+    return gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid, scale, backend)
+
+
+def gpsa_probs_call(q: torch.Tensor, k: torch.Tensor, pos_weight: torch.Tensor, pos_bias: torch.Tensor,
+                    gating: torch.Tensor, grid_size: Optional[Tuple[int, int]], scale: float) -> torch.Tensor:
+    """The mixed attention (B, H, N, N) of the official code on q's token grid; an FX leaf, scriptable."""
+    grid = _token_grid(q.shape[2], grid_size)
+    return gpsa_attention_probs(q, k, pos_weight, pos_bias, gating, grid, scale)
+
+
+torch.fx.wrap("gpsa_call")
+torch.fx.wrap("gpsa_probs_call")
 
 
 class GPSA(nn.Module):
@@ -98,6 +146,8 @@ class GPSA(nn.Module):
 
     Input (B, N, dim) over the N patch tokens of a ``grid_size`` grid (set by the model; a GPSA
     built alone assumes a square grid). ``backend`` is any ``gpsa_attention`` backend name.
+    The forward has no Python branch on tensor values: it traces with ``torch.fx`` (the kernel
+    call, ``gpsa_call``, is a leaf), scripts with ``torch.jit.script`` and exports.
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
@@ -117,22 +167,14 @@ class GPSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.locality_strength = locality_strength
         self.gating_param = nn.Parameter(torch.ones(num_heads))
-        self.grid_size = grid_size
+        self.grid_size = None if grid_size is None else _pair(grid_size)  # a tuple, for TorchScript
         self.backend = _check_backend_name(backend)
         self.apply(_init_weights)
         if use_local_init:
             self.local_init(locality_strength)
 
     def _grid(self, n: int) -> Tuple[int, int]:
-        if self.grid_size is not None:
-            rows, cols = self.grid_size
-            if rows * cols != n:
-                raise ValueError(f"GPSA got {n} tokens but its grid_size {self.grid_size} has {rows * cols}")
-            return rows, cols
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"GPSA got {n} tokens, not a square grid: set its grid_size=(rows, cols)")
-        return side, side
+        return _token_grid(n, self.grid_size)
 
     def _qkv(self, x):
         B, N, C = x.shape
@@ -148,20 +190,21 @@ class GPSA(nn.Module):
         backend = self.backend
         if self.training and self.attn_drop.p > 0:
             # Attention dropout needs the probabilities, which the fused kernels never form.
-            if backend not in ("auto", "reference"):
-                raise ValueError(f"attn_drop > 0 in training needs backend 'reference' or 'auto'; got {backend!r}")
-            attn = self.attn_drop(self.get_attention(x))
+            if backend != "auto" and backend != "reference":
+                raise ValueError(f"attn_drop > 0 in training needs backend 'reference' or 'auto'; got '{backend}'")
+            attn = self.attn_drop(gpsa_probs_call(q, k, self.pos_proj.weight, self.pos_proj.bias,
+                                                  self.gating_param, self.grid_size, self.scale))
             out = attn @ v
         else:
-            out = ck.gpsa_attention(q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param,
-                                    self._grid(N), self.scale, backend=backend)
+            out = gpsa_call(q, k, v, self.pos_proj.weight, self.pos_proj.bias, self.gating_param, self.grid_size,
+                            self.scale, backend)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     def get_attention(self, x):
         """The mixed attention (B, H, N, N) of the official code (eager, for analysis)."""
         q, k, _ = self._qkv(x)
-        return gpsa_attention_probs(q, k, self.pos_proj.weight, self.pos_proj.bias, self.gating_param,
-                                    self._grid(x.shape[1]), self.scale)
+        return gpsa_probs_call(q, k, self.pos_proj.weight, self.pos_proj.bias, self.gating_param, self.grid_size,
+                               self.scale)
 
     def get_attention_map(self, x, return_map=False):
         """Per-head nonlocality (H,) on ``x``; with ``return_map`` also the batch-mean attention (H, N, N).
@@ -291,6 +334,8 @@ class ConViT(nn.Module):
         if use_pos_embed:
             self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_parameter("pos_embed", None)  # not in the state dict; None for TorchScript
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth decay rule
         gpsa_kwargs = dict(locality_strength=locality_strength, grid_size=self.patch_embed.grid_size,
                            backend=_check_backend_name(gpsa_backend))
@@ -311,6 +356,8 @@ class ConViT(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
+    __jit_unused_properties__ = ["gpsa_backend"]
+
     @property
     def gpsa_backend(self):
         return next((m.backend for m in self.modules() if isinstance(m, GPSA)), None)
@@ -318,7 +365,7 @@ class ConViT(nn.Module):
     def forward_features(self, x):
         B = x.shape[0]
         x = self.patch_embed(x)
-        if self.use_pos_embed:
+        if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
         cls_tokens = self.cls_token.expand(B, -1, -1)

@@ -1,11 +1,21 @@
-"""``gpsa_attention``: the public, dispatching entry point."""
+"""``gpsa_attention``: the public, dispatching entry point.
+
+It runs eagerly, under ``torch.compile`` / ``torch.export`` (the backends' ops have fake
+implementations), under ``torch.jit.script`` (a scriptable path that calls the same registered
+ops, see ``_gpsa_attention_scripted``) and under ``torch.onnx.export(dynamo=True)``, where it
+computes the composed formulation (``reference.gpsa_composed``) in standard ops, which the
+exporter translates to standard ONNX operators.
+"""
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 
 from .backends import resolve_backend
+from .reference import gpsa_composed, gpsa_reference
 
-__all__ = ["gpsa_attention", "validate_gpsa_inputs"]
+__all__ = ["gpsa_attention", "validate_gpsa_inputs", "register_script_impl"]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,7 +73,9 @@ def validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale
     return int(rows), int(cols), float(scale)
 
 
-def gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, backend="auto"):
+def gpsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                   pos_bias: torch.Tensor, gating: torch.Tensor, grid_size: Tuple[int, int],
+                   scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Gated positional self-attention (ConViT), all heads at once.
 
     Per head h, with ``s = sigmoid(gating[h])`` and ``r_ij = (dx, dy, dx^2 + dy^2)`` the offset of
@@ -96,6 +108,13 @@ def gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None,
     Raises:
         TypeError / ValueError naming the argument for malformed input or an unusable backend.
 
+    Export paths: ``torch.compile`` and ``torch.export`` keep the backend's op (fake
+    implementations give shapes, also on ``meta`` tensors); ``torch.jit.script`` calls the same
+    registered ops (there "auto" means "cpu" on CPU tensors where the extension is built, else
+    "sdpa"; ``pos_bias`` gets no gradient); ``torch.onnx.export`` (which sets
+    ``torch.onnx.is_in_onnx_export()``) records the composed formulation in standard operators
+    for every backend.
+
     Example::
 
         >>> import torch, convit_kernels as ck
@@ -104,6 +123,105 @@ def gpsa_attention(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None,
         >>> ck.gpsa_attention(q, k, v, w, b, g, grid_size=(14, 14)).shape
         torch.Size([2, 4, 196, 48])
     """
+    if torch.jit.is_scripting():  # resolved when scripting: the eager path below is not compiled
+        return _gpsa_attention_scripted(q, k, v, pos_weight, pos_bias, gating, grid_size, scale, backend)
     rows, cols, scale = validate_gpsa_inputs(q, k, v, pos_weight, pos_bias, gating, grid_size, scale)
     impl = resolve_backend(backend, q.device, q.dtype)
+    if _in_onnx_export():
+        # The ONNX exporter has no translation for the backends' ops: record the same function in
+        # standard ops (SDPA + the batch-shared positional softmax), which it translates.
+        return gpsa_composed(q, k, v, pos_weight, pos_bias, gating, (rows, cols), scale)
     return impl.fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale)
+
+
+def _in_onnx_export() -> bool:
+    is_exporting = getattr(torch.onnx, "is_in_onnx_export", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+# ---- TorchScript --------------------------------------------------------------------------------
+# TorchScript cannot run the Python dispatch above. Scripted code calls _gpsa_attention_scripted,
+# which checks the arguments and calls the backend's scriptable function. Those live in the
+# backends' modules (which may fail to import), so each backend binds its own here on import through
+# register_script_impl; TorchScript reads these names when it compiles, after the package imported.
+
+def _not_loaded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float) -> torch.Tensor:
+    raise ValueError("backend is not available: its module did not load (see convit_kernels.backend_status())")
+
+
+def _reference_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                        pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int,
+                        scale: float) -> torch.Tensor:
+    return gpsa_reference(q, k, v, pos_weight, pos_bias, gating, (rows, cols), scale)
+
+
+def _auto_without_extension(device_type: str) -> str:
+    return "sdpa"
+
+
+def _auto_with_extension(device_type: str) -> str:
+    return "cpu" if device_type == "cpu" else "sdpa"
+
+
+_script_extension = _not_loaded       # "cpu" and "cuda" (cpp_ops)
+_script_sdpa = _not_loaded            # "sdpa" (sdpa_ops)
+_script_triton = _not_loaded          # "triton" (triton_ops)
+_script_auto = _auto_without_extension  # what "auto" means under TorchScript
+
+
+def register_script_impl(name: str, fn) -> None:
+    """Bind backend ``name``'s scriptable GPSA function (the signature of a ``Backend.fn``, with
+    type annotations) for ``torch.jit.script``; called by each backend's module on import."""
+    global _script_extension, _script_sdpa, _script_triton, _script_auto
+    if name in ("cpu", "cuda"):
+        _script_extension = fn
+        _script_auto = _auto_with_extension
+    elif name == "sdpa":
+        _script_sdpa = fn
+    elif name == "triton":
+        _script_triton = fn
+    else:
+        raise ValueError(f"name must be one of 'cpu', 'cuda', 'sdpa', 'triton'; got {name!r}")
+
+
+def _validate_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                       pos_bias: torch.Tensor, gating: torch.Tensor, grid_size: Tuple[int, int],
+                       scale: Optional[float]) -> float:
+    """The checks of validate_gpsa_inputs that TorchScript can express; returns the scale."""
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, H, N, D); got a {q.dim()}-d tensor of shape {q.shape}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"k and v must have the shape of q {q.shape}; got {k.shape} and {v.shape}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have the dtype of q ({q.dtype}); got {k.dtype} and {v.dtype}")
+    H = q.shape[1]
+    if pos_weight.shape != [H, 3]:
+        raise ValueError(f"pos_weight must have shape (H, 3) = ({H}, 3); got {pos_weight.shape}")
+    if pos_bias.shape != [H] or gating.shape != [H]:
+        raise ValueError(f"pos_bias and gating must have shape (H,) = ({H},); got {pos_bias.shape} and {gating.shape}")
+    rows, cols = grid_size
+    if rows < 1 or cols < 1 or rows * cols != q.shape[2]:
+        raise ValueError(f"grid_size (rows, cols) must satisfy rows * cols == N = {q.shape[2]}; got ({rows}, {cols})")
+    return float(q.shape[3]) ** -0.5 if scale is None else scale
+
+
+def _gpsa_attention_scripted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                             pos_bias: torch.Tensor, gating: torch.Tensor, grid_size: Tuple[int, int],
+                             scale: Optional[float], backend: str) -> torch.Tensor:
+    scale_ = _validate_scripted(q, k, v, pos_weight, pos_bias, gating, grid_size, scale)
+    rows, cols = grid_size
+    dev = q.device.type
+    if backend == "auto":
+        backend = _script_auto(dev)
+    if backend == "cpu" or backend == "cuda":
+        if dev != backend and dev != "meta":
+            raise ValueError(f"backend={backend} runs on {backend} tensors; got {dev} tensors")
+        return _script_extension(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale_)
+    if backend == "sdpa":
+        return _script_sdpa(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale_)
+    if backend == "triton":
+        return _script_triton(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale_)
+    if backend == "reference":
+        return _reference_scripted(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale_)
+    raise ValueError(f"backend must be 'auto', 'reference', 'cpu', 'cuda', 'triton' or 'sdpa'; got {backend}")

@@ -75,6 +75,10 @@ def _status(name: str, dev: str) -> str:
     backend = _REGISTRY.get(name)
     if backend is None:
         return _MISSING_REASONS.get(name, "not registered")
+    if dev == "meta":
+        # Shapes and dtypes only: every registered backend's ops have fake implementations, which
+        # serve meta tensors (shape inference, deferred init) without the kernel or its device.
+        return "available"
     if dev not in backend.device_types:
         return f"does not run on {dev!r} tensors (runs on {', '.join(backend.device_types)})"
     ok, reason = backend.probe(dev)

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .api import register_script_impl
 from .backends import Backend, register_backend
 from .zero_bias_grad import with_zero_bias_grad
 
@@ -82,11 +83,13 @@ torch.library.register_autograd("convit_kernels::gpsa_fwd", _gpsa_fwd_backward,
                                 setup_context=_gpsa_fwd_setup_context)
 
 
-def gpsa_extension_op(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
+def gpsa_extension_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                      pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int,
+                      scale: float) -> torch.Tensor:
     """Backend function of "cpu" and "cuda": GPSA through ``torch.ops.convit_kernels.gpsa_fwd``.
 
     Arguments as validated by ``convit_kernels.validate_gpsa_inputs``; returns (B, H, N, D) in q's
-    dtype, a view of contiguous (B, N, H, D) storage.
+    dtype, a view of contiguous (B, N, H, D) storage. Scriptable (``torch.jit.script``).
     """
     acc = _acc_dtype(q.dtype)
     out, _ = gpsa_fwd(q, k, v, pos_weight.to(acc), gating.to(acc), rows, cols, scale)
@@ -119,6 +122,7 @@ def _probe_cuda(device_type: str):
     return (not reasons), "; ".join(reasons)
 
 
+register_script_impl("cpu", gpsa_extension_op)
 register_backend(Backend(
     name="cpu",
     fn=gpsa_extension_op,

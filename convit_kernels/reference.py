@@ -9,12 +9,15 @@ when it is cast to that dtype) and is differentiable in all six inputs.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 __all__ = ["relative_indices", "gpsa_attention_probs", "gpsa_reference", "gpsa_composed"]
 
 
-def relative_indices(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def relative_indices(rows: int, cols: int, device: Optional[torch.device] = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The official (N, N, 3) relative-position tensor of a ``rows x cols`` patch grid.
 
     ``r[i, j] = (dx, dy, dx**2 + dy**2)`` with ``dx = col(j) - col(i)``, ``dy = row(j) - row(i)``
@@ -28,7 +31,9 @@ def relative_indices(rows: int, cols: int, device=None, dtype=torch.float32) -> 
     return torch.stack([dx, dy, dx * dx + dy * dy], dim=-1)
 
 
-def gpsa_attention_probs(q, k, pos_weight, pos_bias, gating, grid_size, scale=None):
+def gpsa_attention_probs(q: torch.Tensor, k: torch.Tensor, pos_weight: torch.Tensor, pos_bias: torch.Tensor,
+                         gating: torch.Tensor, grid_size: Tuple[int, int],
+                         scale: Optional[float] = None) -> torch.Tensor:
     """The mixed GPSA attention of the official code, shape (B, H, N, N), in ``q``'s dtype.
 
     ``q, k``: (B, H, N, D); ``pos_weight``: (H, 3); ``pos_bias``, ``gating``: (H,);
@@ -37,8 +42,7 @@ def gpsa_attention_probs(q, k, pos_weight, pos_bias, gating, grid_size, scale=No
     B, H, N, D = q.shape
     rows, cols = grid_size
     dtype = q.dtype
-    if scale is None:
-        scale = D ** -0.5
+    scale = float(D) ** -0.5 if scale is None else scale
     rel = relative_indices(rows, cols, device=q.device, dtype=dtype)
     # The official code projects an expanded (B, N, N, 3) tensor; same values, batch-broadcast.
     pos_score = rel.unsqueeze(0).expand(B, -1, -1, -1) @ pos_weight.to(dtype).t() + pos_bias.to(dtype)
@@ -49,13 +53,17 @@ def gpsa_attention_probs(q, k, pos_weight, pos_bias, gating, grid_size, scale=No
     return attn / attn.sum(dim=-1, keepdim=True)
 
 
-def gpsa_reference(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None):
+def gpsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                   pos_bias: torch.Tensor, gating: torch.Tensor, grid_size: Tuple[int, int],
+                   scale: Optional[float] = None) -> torch.Tensor:
     """Official-semantics GPSA: ``gpsa_attention_probs(...) @ v``, shape (B, H, N, D)."""
     attn = gpsa_attention_probs(q, k, pos_weight, pos_bias, gating, grid_size, scale)
     return attn @ v.to(attn.dtype)
 
 
-def gpsa_composed(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None):
+def gpsa_composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                  pos_bias: torch.Tensor, gating: torch.Tensor, grid_size: Tuple[int, int],
+                  scale: Optional[float] = None) -> torch.Tensor:
     """The best composed PyTorch formulation, the baseline the fused kernels must beat.
 
     Content branch with ``F.scaled_dot_product_attention`` (a fused kernel where PyTorch has one),
@@ -66,8 +74,7 @@ def gpsa_composed(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None):
     B, H, N, D = q.shape
     rows, cols = grid_size
     dtype = q.dtype
-    if scale is None:
-        scale = D ** -0.5
+    scale = float(D) ** -0.5 if scale is None else scale
     content = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rel = relative_indices(rows, cols, device=q.device, dtype=acc)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .api import register_script_impl
 from .backends import Backend, register_backend
 from .reference import relative_indices
 from .zero_bias_grad import with_zero_bias_grad
@@ -122,8 +123,9 @@ def _backward(ctx, grad_out, _grad_probs):
 gpsa_positional.register_autograd(_backward, setup_context=_setup_context)
 
 
-def gpsa_sdpa(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale):
-    """GPSA for ``gpsa_attention(..., backend="sdpa")`` (arguments already validated there).
+def gpsa_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+              pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float) -> torch.Tensor:
+    """GPSA for ``gpsa_attention(..., backend="sdpa")`` (arguments already validated there); scriptable.
 
     q, k, v: (B, H, N, D), float64/32/16 or bfloat16; pos_weight (H, 3), pos_bias and gating (H,).
     Returns (B, H, N, D) in q's dtype, differentiable in all six inputs.
@@ -154,6 +156,7 @@ def _auto_rank(dev: str):
     return 5 if dev == "cpu" else 20
 
 
+register_script_impl("sdpa", gpsa_sdpa)
 register_backend(
     Backend(
         name="sdpa",

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .api import validate_gpsa_inputs
+from .api import register_script_impl, validate_gpsa_inputs
 from .backends import Backend, register_backend
 from .zero_bias_grad import with_zero_bias_grad
 
@@ -30,6 +30,13 @@ except Exception as err:  # noqa: BLE001 - a missing or broken triton must leave
     _IMPORT_ERROR = f"triton is not importable: {type(err).__name__}: {err}"
 
 _ACC = torch.float32
+
+
+def _bnhd_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, N, D) tensor laid out as contiguous (B, N, H, D), like the kernels' outputs."""
+    B, H, N, D = t.shape
+    return t.new_empty((B, N, H, D)).transpose(1, 2)
+
 
 
 def _probe(dev: str) -> tuple[bool, str]:
@@ -66,6 +73,8 @@ if triton_fwd is not None:
         """GPSA forward: ``(out, lse)``. No pos_bias: it cancels (its zero gradient comes from
         ``zero_bias_grad.with_zero_bias_grad``). block_n > 0 forces the tiled path; split_d
         runs the head dim as two power-of-two chunks (48 = 32 + 16) instead of one masked chunk."""
+        if q.device.type == "meta":  # shapes only: meta tensors have no data for the kernels
+            return _bnhd_like(q), q.new_empty(q.shape[:3], dtype=_ACC)
         return triton_fwd.gpsa_fwd_launch(q, k, v, pos_weight, gating, rows, cols, scale, block_n, split_d,
                                           wrap_triton)
 
@@ -75,6 +84,9 @@ if triton_fwd is not None:
                         scale: float, block_n: int = 0, split_d: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """GPSA backward: ``(grad_q, grad_k, grad_v, grad_pos_weight, grad_gating)``."""
+        if q.device.type == "meta":
+            return (_bnhd_like(q), _bnhd_like(q), _bnhd_like(q), pos_weight.new_empty(pos_weight.shape),
+                    gating.new_empty(gating.shape))
         return triton_bwd.gpsa_bwd_launch(grad_out, q, k, v, pos_weight, gating, lse, rows, cols, scale,
                                           block_n, split_d, wrap_triton)
 
@@ -95,12 +107,23 @@ if triton_fwd is not None:
     torch.library.register_autograd("convit_kernels::gpsa_fwd_triton", _backward, setup_context=_setup_context)
 
 
-def _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n=0, split_d=False):
+def _max_head_dim() -> int:
+    # triton_fwd.MAX_HEAD_DIM as a function: TorchScript reads no global ints (checked on import).
+    return 128
+
+
+if triton_fwd is not None and triton_fwd.MAX_HEAD_DIM != _max_head_dim():
+    raise ImportError(f"_max_head_dim() must equal triton_fwd.MAX_HEAD_DIM = {triton_fwd.MAX_HEAD_DIM}")
+
+
+def _gpsa_triton_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_weight: torch.Tensor,
+                    pos_bias: torch.Tensor, gating: torch.Tensor, rows: int, cols: int, scale: float,
+                    block_n: int = 0, split_d: bool = False) -> torch.Tensor:
     D = q.shape[-1]
-    if D > triton_fwd.MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head dims D <= {triton_fwd.MAX_HEAD_DIM}; q has D = {D}")
+    if D > _max_head_dim():
+        raise ValueError(f"backend='triton' supports head dims D <= {_max_head_dim()}; q has D = {D}")
     out, _ = torch.ops.convit_kernels.gpsa_fwd_triton(
-        q, k, v, pos_weight.to(_ACC), gating.to(_ACC), rows, cols, scale, block_n, split_d)
+        q, k, v, pos_weight.to(torch.float32), gating.to(torch.float32), rows, cols, scale, block_n, split_d)
     return with_zero_bias_grad(out, pos_bias)
 
 
@@ -128,6 +151,8 @@ def gpsa_triton(q, k, v, pos_weight, pos_bias, gating, grid_size, scale=None, bl
     return _gpsa_triton_fn(q, k, v, pos_weight, pos_bias, gating, rows, cols, scale, block_n, split_d)
 
 
+if triton_fwd is not None:
+    register_script_impl("triton", _gpsa_triton_fn)
 register_backend(
     Backend(
         name="triton",

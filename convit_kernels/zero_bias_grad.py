@@ -34,8 +34,11 @@ class _ZeroGradFor(torch.autograd.Function):
 def with_zero_bias_grad(out: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
     """``out`` itself (a view), connected to ``pos_bias`` so that its gradient is exactly zero.
 
-    A no-op where ``pos_bias`` needs no gradient or autograd is off.
+    A no-op where ``pos_bias`` needs no gradient or autograd is off, and under TorchScript (which
+    cannot run a Python autograd.Function: there ``pos_bias`` gets no gradient).
     """
+    if torch.jit.is_scripting():
+        return out
     if pos_bias.requires_grad and torch.is_grad_enabled():
         return _ZeroGradFor.apply(out, pos_bias)
     return out
