@@ -271,6 +271,14 @@ def compile_one(nvcc, nvdisasm, src, tmp, cuda_dir):
     return src, parse_ptxas(proc.stdout + proc.stderr), sass.stdout
 
 
+def operand_ops(insns):
+    """How a kernel's operands reach the tensor cores: LDSM (ldmatrix), generic LD.E (not LDS / LDG)
+    and MOVM (a register transpose of a col-major WMMA operand) instructions."""
+    return dict(ldsm=sum(1 for i in insns if i["op"].startswith("LDSM")),
+                ld_generic=sum(1 for i in insns if i["op"].startswith("LD.")),
+                movm=sum(1 for i in insns if i["op"].startswith("MOVM")))
+
+
 def demangle_short(name):
     """'_ZN..28gpsa_fwd_wholerow_mma_kernelI13__nv_bfloat16EE..' -> ('gpsa_fwd_wholerow_mma_kernel', 'bf16')."""
     pos, last = (3, None) if name.startswith("_ZN") else (2, None)
@@ -298,13 +306,16 @@ def occupancy(regs, smem, threads=128):
     return min(by_regs, by_smem, SM_BLOCKS, SM_THREADS // threads), by_regs, by_smem
 
 
-def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir):
+DTYPE_MANGLE = {"bf16": "13__nv_bfloat16", "fp16": "6__half"}
+
+
+def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir, dtype="bf16"):
     src_path = src_dir / spec["file"]
     funcs, labels, ptx = sass_by_file[spec["file"]], label_by_file[spec["file"]], ptx_by_file[spec["file"]]
-    mangled = [f for f in funcs if spec["kernel"] in f and ("bfloat16" in f or "ref" in spec["file"])
+    mangled = [f for f in funcs if spec["kernel"] in f and ("I" + DTYPE_MANGLE[dtype] in f or "ref" in spec["file"])
                and spec.get("instance", "") in f]
     if not mangled:
-        raise RuntimeError(f"kernel {spec['kernel']} (bf16) not in the SASS of {spec['file']}")
+        raise RuntimeError(f"kernel {spec['kernel']} ({dtype}) not in the SASS of {spec['file']}")
     fname = mangled[0]
     insns, labs, info = funcs[fname], labels[fname], ptx.get(fname, {})
     loops = []
@@ -324,7 +335,7 @@ def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir):
                           hmma_pe=count_ops(insns, lo, hi, "HMMA") * per_elem / n_op if n_op else 0.0,
                           elems_per_bh=rows * keys))
     occ, by_regs, by_smem = occupancy(info.get("regs", 0), spec["smem"] + info.get("smem_static", 0))
-    return dict(spec=spec, mangled=fname, regs=info.get("regs"), spills=info.get("spill_st", 0) + info.get("spill_ld", 0),
+    return dict(spec=spec, dtype=dtype, mangled=fname, regs=info.get("regs"), spills=info.get("spill_st", 0) + info.get("spill_ld", 0),
                 smem=spec["smem"] + info.get("smem_static", 0), ctas_per_sm=occ, by_regs=by_regs, by_smem=by_smem,
                 sass=len(insns), loops=loops)
 
@@ -376,25 +387,30 @@ def main():
             sass_by_file[src.name], ptx_by_file[src.name], label_by_file[src.name] = funcs, ptx, labels
             for fname, info in ptx.items():
                 base, dt = demangle_short(fname)
-                rows.append(dict(file=src.name, kernel=base, dtype=dt, sass=len(funcs.get(fname, [])), **info))
+                insns = funcs.get(fname, [])
+                rows.append(dict(file=src.name, kernel=base, dtype=dt, sass=len(insns), **operand_ops(insns), **info))
 
     print("## Every kernel, sm_90 (nvcc -O3, no fast math)\n")
-    print("| file | kernel | dtype | regs | spill B | static smem B | barriers | SASS instrs | CTAs/SM by regs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| file | kernel | dtype | regs | spill B | static smem B | barriers | SASS instrs | CTAs/SM by regs "
+          "| LDSM | LD.E | MOVM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["file"], r["kernel"], r["dtype"])):
         _, by_regs, _ = occupancy(r["regs"], 0)
         print(f"| {r['file']} | {r['kernel']} | {r['dtype']} | {r['regs']} | {r['spill_st'] + r['spill_ld']} | "
-              f"{r['smem_static']} | {r['barriers']} | {r['sass']} | {by_regs} |")
+              f"{r['smem_static']} | {r['barriers']} | {r['sass']} | {by_regs} | {r['ldsm']} | {r['ld_generic']} "
+              f"| {r['movm']} |")
 
     version = args.version if args.version != "current" else _current_version(cuda_dir)
     specs = kernel_specs(version)
     for spec in specs:
         spec["file"] = _source_of(cuda_dir, spec["kernel"])
     specs.append(ref_spec())
-    results = []
+    results, fp16_results = [], []
     for spec in specs:
         src_dir = REF_CU.parent if spec["file"] == REF_CU.name else cuda_dir
         results.append(analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir))
+        if spec["file"] != REF_CU.name:  # the fp16 twin of the same source: nvcc lowers its operands differently
+            fp16_results.append(analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir, "fp16"))
 
     print(f"\n## Hot loops at the ConViT-S shape (H={SHAPE['H']}, N={SHAPE['N']}, D={SHAPE['D']}, bf16), "
           f"kernels '{version}'\n")
@@ -410,6 +426,14 @@ def main():
                   f"{lp['ipe']:.1f} | {lp['ex2_pe']:.2f} | {lp['lds']} |")
         tot = sum(lp["ipe"] * lp["elems_per_bh"] for lp in res["loops"] if lp["found"]) / (SHAPE["N"] ** 2)
         print(f"| {res['spec']['name']} | | | | **sum, per real element** | | | **{tot:.1f}** | | |")
+
+    print("\n## The same hot loops, fp16 instances next to bf16 (instructions per real element, summed)\n")
+    print("| kernel | bf16 instr/elem | fp16 instr/elem | bf16 regs | fp16 regs |")
+    print("|---|---|---|---|---|")
+    for r16, r in zip(fp16_results, results):
+        per = [sum(x["ipe"] * x["elems_per_bh"] for x in res["loops"] if x["found"]) / (SHAPE["N"] ** 2)
+               for res in (r, r16)]
+        print(f"| {r['spec']['name']} | {per[0]:.1f} | {per[1]:.1f} | {r['regs']} | {r16['regs']} |")
 
     print("\n## Prediction (H100 SXM model: issue 4 warp-instr/clk/SM at 1.755 GHz x 132 SMs, efficiency"
           " 0.8 x min(1, warps/16); MUFU 16/clk/SM; HMMA 660 TFLOP/s; HBM 3.35 TB/s; L2 5.5 TB/s)\n")
