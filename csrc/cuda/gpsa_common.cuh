@@ -258,9 +258,14 @@ struct FwdArgs {
 // N <= kWholeRowMaxN, else the tiled one. a.pos_lse must hold the positional statistics.
 template <typename T>
 cudaError_t fwd_simt_launch(const FwdArgs<T>& a, cudaStream_t stream);
-// The tensor-core forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with D % 16 == 0 on
-// sm_80+: the 64-row whole-row kernel for N <= kWholeRowMaxN where its shared memory fits the
-// device, else the tiled kernel (any N). The outputs of the SIMT kernels.
+// The mma.sync forward (gpsa_fwd_mma_sync.cu), for T = __half / __nv_bfloat16 on sm_80+: taken
+// where fwd_mma_sync_takes (N <= kWholeRowMaxN, D % 16 == 0, its shared memory fits the device).
+bool fwd_mma_sync_takes(int N, int D);
+template <typename T>
+cudaError_t fwd_mma_sync_launch(const FwdArgs<T>& a, cudaStream_t stream);
+// The WMMA tiled forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with D % 16 == 0 on
+// sm_80+, any N: where the mma.sync forward does not apply (N > kWholeRowMaxN, or too little shared
+// memory). The outputs of the SIMT kernels.
 template <typename T>
 cudaError_t fwd_mma_launch(const FwdArgs<T>& a, cudaStream_t stream);
 

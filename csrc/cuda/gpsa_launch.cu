@@ -1,9 +1,10 @@
 // The launchers of gpsa_cuda.h: argument sizes, the path each call takes, and the kernels every
 // path shares (the positional softmax statistics, the backward's reduction of the partial sums).
 // No torch header. The paths:
-//   forward:  fp16/bf16 with D % 16 == 0 on sm_80+: the tensor-core kernels (gpsa_fwd_mma.cu);
-//             otherwise the SIMT kernels (gpsa_fwd_simt.cu); each has a whole-row kernel for
-//             N <= kWholeRowMaxN and a tiled online-softmax kernel for larger N.
+//   forward:  fp16/bf16 with D % 16 == 0 on sm_80+: the mma.sync whole-row kernel for
+//             N <= kWholeRowMaxN (gpsa_fwd_mma_sync.cu), the WMMA tiled kernel for larger N or
+//             where shared memory is short (gpsa_fwd_mma.cu); otherwise the SIMT kernels
+//             (gpsa_fwd_simt.cu: whole-row for N <= kWholeRowMaxN, tiled beyond).
 //   backward: the same split (gpsa_bwd_mma.cu, gpsa_bwd_simt.cu): a dQ kernel that also writes the
 //             partial sums of dw and dg, a dK/dV kernel, then gpsa_bwd_reduce_kernel here.
 #include "gpsa_common.cuh"
@@ -75,7 +76,10 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
   a.scale = Acc(p.scale);
   if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
-    if (p.D % 16 == 0 && device_is_sm80_or_newer()) return fwd_mma_launch<T>(a, stream);
+    if (p.D % 16 == 0 && device_is_sm80_or_newer()) {
+      if (fwd_mma_sync_takes(p.N, p.D)) return fwd_mma_sync_launch<T>(a, stream);
+      return fwd_mma_launch<T>(a, stream);
+    }
   }
   return fwd_simt_launch<T>(a, stream);
 }

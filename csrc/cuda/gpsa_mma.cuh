@@ -141,6 +141,21 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// cp_async_wait with a run-time count (the number of key tiles is known at run time only); waiting
+// for more groups than asked is always correct, so counts above 7 wait for all.
+__device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  switch (pending) {
+    case 7: cp_async_wait<7>(); break;
+    case 6: cp_async_wait<6>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 1: cp_async_wait<1>(); break;
+    default: cp_async_wait<0>(); break;
+  }
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace convit_kernels

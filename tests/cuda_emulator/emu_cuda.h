@@ -33,6 +33,8 @@ using std::exp;
 using std::fma;
 using std::fmax;
 using std::log;
+using std::max;
+using std::min;
 
 #define CONVIT_CUDA_EMULATOR 1
 
@@ -56,6 +58,9 @@ template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
+struct alignas(8) int2 {
+  int x, y;
+};
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
