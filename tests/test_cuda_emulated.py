@@ -385,3 +385,22 @@ def test_emulated_cp_async_lands_at_its_wait_group(emu_lib):
     assert (seen[0] == 0xAB).all(), "a copy landed before its wait_group"
     assert torch.equal(seen[1, :512], want[:512]) and (seen[1, 512:] == 0xAB).all(), "wait_group 1"
     assert torch.equal(seen[2], want), "wait_group 0"
+
+
+def test_emulated_mma_sync_forward_negative_scale_and_repeats(emu_lib):
+    """The mma.sync forward (bf16, D = 48, N <= 256) with a negative scale, where its Q fragments flip
+    sign so that the running max is taken on the raw scores: the 2x rule against the reference run
+    with the same scale, and bitwise equal output and lse over repeated calls."""
+    B, H, N, D, grid = 1, 2, 50, 48, (5, 10)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(31)
+    q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    scale = -0.4
+    out, lse = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    out2, lse2 = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "the forward differs between identical runs"
+    want = gpsa_reference(*(t.double() for t in (q, k, v, w, b, g)), grid, scale)
+    low = gpsa_reference(q, k, v, w.float(), b.float(), g.float(), grid, scale)
+    assert_within_reference_rule("out", out, want, (low.double() - want).abs().max().item(), dtype, gradient=False)
+    want_lse = _content_lse(q, k, scale)
+    assert_close(lse, want_lse, atol=1e-5 * max(1.0, want_lse.abs().max().item()), name="lse")

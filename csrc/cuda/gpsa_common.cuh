@@ -250,6 +250,7 @@ struct FwdArgs {
   T* out; Strides3 os;
   Acc* lse;
   const Acc* pos_lse;
+  void* pos_frag;  // the mma.sync forward's positional fragments (gpsa_fwd_mma_sync.cu)
   int B, H, N, D, rows, cols;
   Acc scale;
 };

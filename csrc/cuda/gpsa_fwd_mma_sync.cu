@@ -4,21 +4,23 @@
 // accumulator layout (csrc/cuda/gpsa_mma.cuh), K and V loaded by cp.async. No torch header.
 //
 // One pass, two accumulators (benchmarks/NOTES.md, "The mma.sync path": the floors of the one-pass
-// and two-pass designs). A CTA owns 64 query rows of one (b, h), warp w the 16 rows 16 w .. + 15;
-// Q, and all keys' K and V rows, sit in shared memory (row stride D + 8: the 16-byte pad puts the 8
-// rows of an ldmatrix on different banks). Loads: one cp.async group per key tile (group 0 also
-// holds Q), waited for tile by tile, so the first tile's work overlaps the later tiles' loads.
+// and two-pass designs). The positional probabilities do not depend on the batch: per call,
+// gpsa_pos_frag_kernel writes s P_pos (H x ceil16(N)^2 values, rounded to T) in the order of the
+// mma A fragments (one 16-byte vector per lane and 16 x 16 tile), and the forward loads them, with
+// no exp and no table lookup per element. A CTA owns 64 query rows of one (b, h), warp w the 16
+// rows 16 w .. + 15; Q, and all keys' K and V rows, sit in shared memory (row stride kLd =
+// 16 kSteps + 8: the 16-byte pad puts the 8 rows of an ldmatrix on different banks). Loads: one
+// cp.async group per key tile (group 0 also holds Q), waited for tile by tile, so the first tile's
+// work overlaps the later tiles' loads.
 // Per warp and key tile of kKeys keys, lane l holding rows g = l / 4 and g + 8, keys 2 (l % 4) + {0, 1}
 // of every 8-key block (the C fragment):
-// 1. S = Q K^T (Q fragments in registers, K by ldmatrix.x4: two 8-key blocks per load);
-// 2. content branch, online: the rows' running max (over the lane, then its quad by two shuffles),
+// 1. the tile's s P_pos fragments from global memory (L2), issued first;
+// 2. S = Q K^T (Q fragments in registers, K by ldmatrix.x4: two 8-key blocks per load);
+// 3. content branch, online: the rows' running max (over the lane, then its quad by two shuffles),
 //    the content accumulator and the lane's partial row sum rescaled by 2^(m_old - m_new),
-//    P_c = 2^(S |scale| log2 e - m) (one FFMA, one MUFU.EX2);
-// 3. positional branch, already normalised by pos_lse and weighted by s:
-//    s P_pos = 2^(tab[base_i + kidx_j] - pos_lse_i log2 e + log2 s) (one LDS, one FADD, one MUFU.EX2);
-// 4. both converted in registers into A fragments (the C layout of two 8-key blocks is the A layout
-//    of one 16-key step) and multiplied by V (ldmatrix.x4.trans, shared by both products):
-//    acc_c += P_c V, acc_p += s P_pos V.
+//    P_c = 2^(S |scale| log2 e - m) (one FFMA, one MUFU.EX2), converted in registers into A
+//    fragments (the C layout of two 8-key blocks is the A layout of one 16-key step);
+// 4. acc_c += P_c V, acc_p += s P_pos V (V by ldmatrix.x4.trans, shared by both products).
 // End: out = (1 - s) acc_c / l + acc_p, lse = (m + log2 l) / log2 e. A negative scale flips the sign
 // of the Q fragments (exact), so that the running max is taken on the raw scores.
 // Grid: (ceil(N / kRows64), H, B); block: kThreads; dynamic shared memory: MmaSyncFwdSmem::total.
@@ -29,30 +31,60 @@ namespace cuda {
 namespace detail {
 
 struct MmaSyncFwdSmem {
-  size_t q, k, v, tab, kidx, total;
-  __host__ __device__ MmaSyncFwdSmem(int n16, int D) {
-    const size_t ld = size_t(D) + 8, elem = 2;
-    q = 0;                                          // [64][ld] T
-    k = q + align128(kRows64 * ld * elem);          // [n16][ld] T
-    v = k + align128(n16 * ld * elem);              // [n16][ld] T
-    tab = v + align128(n16 * ld * elem);            // [(2 rows - 1)(2 cols - 1)] float
-    kidx = tab + align128(kTabMax * sizeof(float));  // [n16] int
-    total = kidx + align128(size_t(n16) * sizeof(int));
+  size_t q, k, v, total;
+  __host__ __device__ MmaSyncFwdSmem(int n16, int ld) {
+    q = 0;                                    // [64][ld] T
+    k = q + align128(size_t(kRows64) * ld * 2);  // [n16][ld] T
+    v = k + align128(size_t(n16) * ld * 2);      // [n16][ld] T
+    total = v + align128(size_t(n16) * ld * 2);
   }
 };
+
+// The instance a head dim takes: kSteps = 3 for D = 48 (exact: every ConViT variant but the "+"
+// ones), 4 for D <= 64, 8 above; shared-memory rows hold 16 kSteps + 8 elements.
+__host__ __device__ __forceinline__ int mma_sync_steps(int D) { return D == 48 ? 3 : D <= 64 ? 4 : 8; }
+
+// s P_pos of head h in A-fragment order: tile (row block rb, key step ks) of 16 x 16 is 32 16-byte
+// vectors, lane l's holding its 4 registers (rows g, g + 8; keys 2 t + {0, 1} and + 8). Rows or
+// keys at or past N get 0. Grid: (ceil16(N) / 16, H); block: kThreads, warp w taking the key
+// steps w, w + 4, ..
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gpsa_pos_frag_kernel(const float* __restrict__ pos_weight,
+                                                                 const float* __restrict__ gating,
+                                                                 const float* __restrict__ pos_lse, int N, int cols,
+                                                                 uint4* __restrict__ frag) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tg = lane % 4;
+  const int rb = blockIdx.x, h = blockIdx.y, nb = gridDim.x;
+  const float w[3] = {pos_weight[h * 3 + 0], pos_weight[h * 3 + 1], pos_weight[h * 3 + 2]};
+  const float s = sigmoid(gating[h]);
+  for (int ks = warp; ks < nb; ks += kWarps) {
+    uint32_t r[4];
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int i = 16 * rb + g + 8 * (x % 2), j = 16 * ks + 2 * tg + 8 * (x / 2);
+      float z[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        z[e] = i < N && j + e < N ? s * acc_exp(pos_logit(w, grid_offset(i, j + e, cols)) - pos_lse[int64_t(h) * N + i])
+                                  : 0.0f;
+      r[x] = pack2<T>(z[0], z[1]);
+    }
+    frag[((int64_t(h) * nb + rb) * nb + ks) * 32 + lane] = make_uint4(r[0], r[1], r[2], r[3]);
+  }
+}
 
 template <typename T, int kSteps, int kKeys>
 __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   extern __shared__ __align__(128) unsigned char smem_raw[];
   constexpr int kBlocks = kKeys / 8;  // 8-key blocks per tile
-  const int N = a.N, D = a.D, ld = D + 8, n16 = ceil_div(N, 16) * 16, k_steps = D / 16;
-  const MmaSyncFwdSmem lay(n16, D);
+  constexpr int ld = 16 * kSteps + 8;  // compile-time: ldmatrix addresses are a register plus immediates
+  const int N = a.N, D = a.D, n16 = ceil_div(N, 16) * 16, nb16 = n16 / 16;
+  const int k_steps = kSteps == 3 ? 3 : D / 16;  // the kSteps = 3 instance runs D = 48 only
+  const MmaSyncFwdSmem lay(n16, ld);
   T* q_t = reinterpret_cast<T*>(smem_raw + lay.q);
   T* k_t = reinterpret_cast<T*>(smem_raw + lay.k);
   T* v_t = reinterpret_cast<T*>(smem_raw + lay.v);
-  float* tab = reinterpret_cast<float*>(smem_raw + lay.tab);
-  int* kidx = reinterpret_cast<int*>(smem_raw + lay.kidx);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, tg = lane % 4;
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kRows64;
@@ -86,25 +118,13 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> 
     load_rows_ld(k_t, ld, k, a.ks.n, 0, n16, N, D);
     load_rows_ld(v_t, ld, v, a.vs.n, 0, n16, N, D);
   }
-  // Meanwhile the per-head positional table and the key offsets (integer division here only).
-  const float w0 = a.pos_weight[h * 3 + 0] * kLog2e, w1 = a.pos_weight[h * 3 + 1] * kLog2e,
-              w2 = a.pos_weight[h * 3 + 2] * kLog2e;
-  build_pos_table(tab, w0, w1, w2, a.rows, a.cols);
-  for (int j = tid; j < n16; j += kThreads) kidx[j] = j < N ? pos_kidx(j, a.cols) : 0;
-
   const int row0 = i0 + 16 * warp;
   const bool active = row0 < N;  // warp-uniform; an idle warp still meets the CTA barriers
   const float s = sigmoid(a.gating[h]);
   const float sl2 = fabsf(a.scale) * kLog2e;
   const uint32_t flip = a.scale < 0.0f ? 0x80008000u : 0u;  // negates both 16-bit halves
-  int base[2];
-  float off_p[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int i = row0 + g + 8 * r, ic = i < N ? i : N - 1;  // rows past N: any valid geometry
-    base[r] = pos_base(ic, a.rows, a.cols);
-    off_p[r] = log2f(s) - a.pos_lse[int64_t(h) * N + ic] * kLog2e;
-  }
+  // this warp's row block of s P_pos, lane's vector of key step 0
+  const uint4* pfrag = static_cast<const uint4*>(a.pos_frag) + (int64_t(h) * nb16 + row0 / 16) * nb16 * 32 + lane;
 
   uint32_t qa[kSteps][4];
   float m_r[2] = {-1e30f, -1e30f}, l_r[2] = {0.0f, 0.0f};  // raw-score max (finite start), partial sums
@@ -116,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> 
 
   for (int t = 0; t < n_tiles; ++t) {
     cp_async_wait_upto(n_tiles - 1 - t);  // this thread's copies of tiles 0 .. t have landed
-    __syncthreads();                      // and everyone's (the table and kidx too, on t = 0)
+    __syncthreads();                      // and everyone's
     if (!active) continue;
     if (t == 0) {
 #pragma unroll
@@ -130,6 +150,10 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> 
     }
     const int j0 = t * kKeys;
     const bool tail = j0 + kKeys > N;
+    uint4 ppv[kBlocks / 2];  // 1. the tile's s P_pos fragments, one vector per 16-key step
+#pragma unroll
+    for (int kk = 0; kk < kBlocks / 2; ++kk)
+      if (j0 + 16 * kk < N) ppv[kk] = pfrag[(j0 / 16 + kk) * 32];
 
     // 1. S = Q K^T, two 8-key blocks per ldmatrix.x4; blocks wholly past N are skipped
     float sc[kBlocks][4];
@@ -182,32 +206,27 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> 
       ms[r] = -mt[r] * sl2;
     }
 
-    // 3-4. per 16-key step: both probabilities into A fragments, then M V on both accumulators
+    // 3-4. per 16-key step: P_c into A fragments, then M V on both accumulators
 #pragma unroll
     for (int kk = 0; kk < kBlocks / 2; ++kk) {
       if (j0 + 16 * kk < N) {
-        uint32_t pc[4], pp[4];
+        uint32_t pc[4];
+        const uint32_t pp[4] = {ppv[kk].x, ppv[kk].y, ppv[kk].z, ppv[kk].w};
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int nb = 2 * kk + half, jb = j0 + 8 * nb + 2 * tg;
-          const int2 kx = *reinterpret_cast<const int2*>(kidx + jb);
-          float c[4], z[4];
+          float c[4];
 #pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            c[x] = fast_exp2(fmaf(sc[nb][x], sl2, ms[x / 2]));
-            z[x] = fast_exp2(tab[base[x / 2] + (x & 1 ? kx.y : kx.x)] + off_p[x / 2]);
-          }
+          for (int x = 0; x < 4; ++x) c[x] = fast_exp2(fmaf(sc[nb][x], sl2, ms[x / 2]));
           if (tail) {
 #pragma unroll
             for (int x = 0; x < 4; ++x)
-              if (jb + (x & 1) >= N) c[x] = z[x] = 0.0f;
+              if (jb + (x & 1) >= N) c[x] = 0.0f;
           }
           l_r[0] += c[0] + c[1];
           l_r[1] += c[2] + c[3];
           pc[2 * half] = pack2<T>(c[0], c[1]);  // row g: a0 (keys 0-7) / a2 (keys 8-15)
           pc[2 * half + 1] = pack2<T>(c[2], c[3]);  // row g + 8: a1 / a3
-          pp[2 * half] = pack2<T>(z[0], z[1]);
-          pp[2 * half + 1] = pack2<T>(z[2], z[3]);
         }
 #pragma unroll
         for (int dp = 0; dp < kSteps; ++dp) {
@@ -249,14 +268,19 @@ __global__ void __launch_bounds__(kThreads) gpsa_fwd_mma_sync_kernel(FwdArgs<T> 
 }
 
 bool fwd_mma_sync_takes(int N, int D) {
-  return N <= kWholeRowMaxN && D % 16 == 0 && MmaSyncFwdSmem(ceil_div(N, 16) * 16, D).total <= device_max_smem_optin();
+  return N <= kWholeRowMaxN && D % 16 == 0 &&
+         MmaSyncFwdSmem(ceil_div(N, 16) * 16, 16 * mma_sync_steps(D) + 8).total <= device_max_smem_optin();
 }
 
 template <typename T>
 cudaError_t fwd_mma_sync_launch(const FwdArgs<T>& a, cudaStream_t stream) {
-  const size_t smem = MmaSyncFwdSmem(ceil_div(a.N, 16) * 16, a.D).total;
+  const int n16 = ceil_div(a.N, 16) * 16, steps = mma_sync_steps(a.D);
+  gpsa_pos_frag_kernel<T><<<dim3(n16 / 16, a.H), kThreads, 0, stream>>>(
+      a.pos_weight, a.gating, a.pos_lse, a.N, a.cols, static_cast<uint4*>(a.pos_frag));
+  const size_t smem = MmaSyncFwdSmem(n16, 16 * steps + 8).total;
   const dim3 grid(ceil_div(a.N, kRows64), a.H, a.B);
-  if (a.D <= 64) return launch_with_smem(gpsa_fwd_mma_sync_kernel<T, 4, 64>, grid, smem, stream, a);
+  if (steps == 3) return launch_with_smem(gpsa_fwd_mma_sync_kernel<T, 3, 64>, grid, smem, stream, a);
+  if (steps == 4) return launch_with_smem(gpsa_fwd_mma_sync_kernel<T, 4, 64>, grid, smem, stream, a);
   return launch_with_smem(gpsa_fwd_mma_sync_kernel<T, 8, 32>, grid, smem, stream, a);
 }
 

@@ -73,11 +73,12 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   a.out = static_cast<T*>(p.out); a.os = p.out_stride;
   a.lse = static_cast<Acc*>(p.lse);
   a.pos_lse = static_cast<const Acc*>(p.pos_lse);
+  a.pos_frag = p.pos_frag;
   a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
   a.scale = Acc(p.scale);
   if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
     if (p.D % 16 == 0 && device_is_sm80_or_newer()) {
-      if (fwd_mma_sync_takes(p.N, p.D)) return fwd_mma_sync_launch<T>(a, stream);
+      if (p.pos_frag != nullptr && fwd_mma_sync_takes(p.N, p.D)) return fwd_mma_sync_launch<T>(a, stream);
       return fwd_mma_launch<T>(a, stream);
     }
   }
@@ -157,6 +158,12 @@ cudaError_t gpsa_fwd_launch(const GpsaFwdParams& p, cudaStream_t stream) {
     case GpsaDtype::kFloat64: return detail::fwd_typed<double>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+int64_t gpsa_fwd_pos_frag_bytes(int H, int N) {
+  if (N > kWholeRowMaxN) return 0;
+  const int64_t n16 = detail::ceil_div(N, 16) * 16;
+  return int64_t(H) * n16 * n16 * 2;
 }
 
 GpsaBwdWorkspace gpsa_bwd_workspace_sizes(int B, int H, int N) {

@@ -428,6 +428,11 @@ inline void cp_async_commit() {
 }
 inline void cp_async_wait(int pending) {
   Fiber& f = *state().current;
+  // Before landing anything, let the other threads run some round-robin passes, more for higher
+  // warps: a lower warp that reads a higher warp's bytes without a barrier after the wait (its own
+  // warp-collectives take about two passes) then reads them before they land.
+  if (int(f.cp_groups.size()) > pending)
+    for (unsigned pass = 0; pass < 1 + 3 * (threadIdx.x / 32); ++pass) yield();
   while (int(f.cp_groups.size()) > pending) {
     for (const AsyncCopy& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, 16);
     f.cp_groups.pop_front();

@@ -1,5 +1,7 @@
 // C entry points of the emulated CUDA GPSA launchers, called through ctypes by
 // tests/test_cuda_emulated.py. Sizes: {B, H, N, D, rows, cols}; strides: (b, h, n) triples.
+#include <vector>
+
 #include "gpsa_cuda.h"
 #include "gpsa_mma.cuh"
 
@@ -31,6 +33,9 @@ int emu_gpsa_fwd(int dtype, const int* sz, double scale, const void* q, const vo
   p.v = v; p.v_stride = triple(strides + 6);
   p.out = out; p.out_stride = triple(strides + 9);
   p.pos_weight = pos_weight; p.gating = gating; p.lse = lse; p.pos_lse = pos_lse;
+  // the positional-fragment workspace, NaN-filled (0xFF bytes) as torch's empty may leave it
+  std::vector<uint4> frag((gpsa_fwd_pos_frag_bytes(p.H, p.N) + 15) / 16, make_uint4(~0u, ~0u, ~0u, ~0u));
+  p.pos_frag = frag.empty() ? nullptr : frag.data();
   return int(gpsa_fwd_launch(p, nullptr));
 }
 
