@@ -4,9 +4,10 @@ No GPU is needed: the .cu sources are compiled by g++ with tests/cuda_emulator/e
 in for the CUDA runtime (threads of a CTA as cooperative fibers with real __syncthreads and warp
 shuffle barriers; CTAs one after the other; shared memory initialised to NaN). This checks the
 kernels' index arithmetic, masking, barriers, the online softmax, the backward algebra and the
-deterministic reductions, for float64, float32, float16 and bfloat16, incl. the tensor-core (WMMA)
-whole-row forward (the emulator cannot see memory-model races: tests/test_cuda_gpu.py covers those
-on a GPU). Each output is
+deterministic reductions, for float64, float32, float16 and bfloat16, incl. the tensor-core kernels:
+WMMA, and the mma.sync forward, whose mma.sync / ldmatrix / cp.async the emulator runs with the PTX
+per-lane fragment layouts (tested on their own below; the emulator cannot see memory-model races:
+tests/test_cuda_gpu.py covers those on a GPU). Each output is
 written into a NaN-filled buffer with guard zones: an unwritten element or a write out of bounds
 fails the test.
 """
@@ -144,9 +145,11 @@ CASES = [
     (2, 2, 50, 48, (5, 10)),
     (1, 1, 300, 40, (15, 20)),
 ]
-# The 64-row whole-row tensor-core kernels: besides CASES[2] (D = 128), CASES[3] and N = 70 (a second
-# CTA with one active warp): the ConViT shape (14 x 14, D = 48: 4 CTAs, the last one partly past N)
-# and a one-column grid (table of 33 x 1 entries) with a partly masked last key tile.
+# The 64-row whole-row tensor-core kernels (the mma.sync forward, the WMMA rows64 backward): besides
+# CASES[2] (D = 128: kSteps 8, 32-key tiles), CASES[3] (D = 48, the exact instance) and N = 70 (D = 16:
+# guarded k steps; a second CTA with one active warp): the ConViT shape (14 x 14, D = 48: 4 CTAs, the
+# last one partly past N; 4 key tiles, so cp.async groups in flight) and a one-column grid (table of
+# 33 x 1 entries) with a partly masked last key tile.
 LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 196, 48, (14, 14)), (1, 1, 17, 32, (17, 1)),
              (1, 1, 300, 32, (15, 20)), (1, 1, 270, 128, (15, 18)), CASES[0], CASES[4]]
 
