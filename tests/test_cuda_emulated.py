@@ -407,3 +407,22 @@ def test_emulated_mma_sync_forward_negative_scale_and_repeats(emu_lib):
     assert_within_reference_rule("out", out, want, (low.double() - want).abs().max().item(), dtype, gradient=False)
     want_lse = _content_lse(q, k, scale)
     assert_close(lse, want_lse, atol=1e-5 * max(1.0, want_lse.abs().max().item()), name="lse")
+
+
+def test_emulated_mma_sync_forward_logits_far_below_zero(emu_lib):
+    """Every content logit of a row near -100 (q anti-parallel to every key): the padded keys past N
+    (zero K rows, logit 0) must not enter the running max, or 2^(logit - max) underflows to 0 and the
+    row sum with it. bf16, N = 50 (keys 50 .. 63 padded), D = 48: the mma.sync forward."""
+    B, H, N, D, grid = 1, 1, 50, 48, (5, 10)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(41)
+    q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    u = torch.randn(D, generator=gen)
+    u = u / u.norm()
+    k = (u + 0.01 * torch.randn(B, H, N, D, generator=gen)).to(dtype)
+    q = (-100.0 * D ** 0.5 * u.expand(B, H, N, D)).to(dtype)
+    scale = D ** -0.5
+    out, lse = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    want = gpsa_reference(*(t.double() for t in (q, k, v, w, b, g)), grid, scale)
+    low = gpsa_reference(q, k, v, w.float(), b.float(), g.float(), grid, scale)
+    assert_within_reference_rule("out", out, want, (low.double() - want).abs().max().item(), dtype, gradient=False)

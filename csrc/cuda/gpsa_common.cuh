@@ -312,6 +312,12 @@ cudaError_t bwd_simt_launch(const BwdArgs<T>& a, cudaStream_t stream);
 // D % 16 == 0 on sm_80+: the same outputs, workspaces and partial sums as the SIMT kernels.
 template <typename T>
 cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream);
+// The mma.sync dK/dV kernel (gpsa_bwd_mma_sync.cu), for T = __half / __nv_bfloat16 on sm_80+: taken
+// by bwd_mma_launch's whole-row path where bwd_dkdv_mma_sync_takes (N <= kWholeRowMaxN, D % 16 == 0,
+// D <= 64, its shared memory fits); reads the dQ kernel's Delta_c.
+bool bwd_dkdv_mma_sync_takes(int N, int D);
+template <typename T>
+cudaError_t bwd_dkdv_mma_sync_launch(const BwdArgs<T>& a, cudaStream_t stream);
 // Whether bwd_mma_launch takes the 64-row whole-row kernels (N <= kWholeRowMaxN and their shared
 // memory fits the device); the dQ CTAs, hence the partial sums, then cover kRows64 rows each.
 bool bwd_mma_takes_rows64(int N, int D, size_t elem);

@@ -61,6 +61,9 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 struct alignas(8) int2 {
   int x, y;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
