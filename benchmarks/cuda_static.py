@@ -252,7 +252,15 @@ def kernel_specs(version):
                     "c[x] = fast_exp2(fmaf(sc[nb][x], sl2, ms[x / 2]));", "MUFU.EX2", 34 / 32, (n16, n16))],
             tail=["if (j0 + 8 * nb + 2 * tg + (x & 1) >= N) sc[nb][x] = -INFINITY;",
                   "if (jb + (x & 1) >= N) c[x] = 0.0f;"]))
-        specs += [s for s in kernel_specs("after") if s["dir"] == "bwd"]
+        specs += [s for s in kernel_specs("after") if s["name"] == "bwd dQ rows64 mma"]
+        dkdv_smem = 2 * align128(64 * ld * 2) + 2 * align128(n16 * ld * 2) + align128(4 * 256 * 4) + \
+            4 * align128(n16 * 4)
+        specs.append(dict(
+            name="bwd dK/dV mma.sync", kernel="gpsa_bwd_dkdv_mma_sync_kernel", dir="bwd",
+            instance="Li3E", smem=dkdv_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
+            loops=[("S^T, dM^T, M^T, dS^T, dV += M^T dO, dK += dS^T Q",
+                    "const float pc = fast_exp2(fmaf(st[half][x], sl2, odd ? oc2.y : oc2.x));", "MUFU.EX2", 2,
+                    (n16, n16))]))
     else:
         raise ValueError(version)
     return specs

@@ -107,7 +107,7 @@ def compile_results(tmp_path_factory):
 def test_cuda_sources_exist():
     names = {p.name for p in CU_FILES}
     expected = {"gpsa_launch.cu", "gpsa_fwd_simt.cu", "gpsa_fwd_mma.cu", "gpsa_fwd_mma_sync.cu", "gpsa_bwd_simt.cu",
-                "gpsa_bwd_mma.cu"}
+                "gpsa_bwd_mma.cu", "gpsa_bwd_mma_sync.cu"}
     assert expected <= names, f"missing CUDA sources; found {sorted(names)}"
 
 
@@ -163,15 +163,17 @@ def sass_functions(obj, arch="sm_90"):
     return dict(zip(parts[1::2], parts[2::2]))
 
 
-def test_mma_sync_operands_through_ldmatrix(compile_results):
-    """Every instance of the mma.sync forward, bf16 and fp16, compiled for sm_90: tensor-core operands
-    from shared memory go through LDSM (ldmatrix), with no generic LD.E and no MOVM (the bf16
-    lowering of the WMMA kernels), and the products are HMMA.16816."""
-    rc, log = compile_results["gpsa_fwd_mma_sync.cu"]
+@pytest.mark.parametrize("source,kernel,instances", [("gpsa_fwd_mma_sync.cu", "gpsa_fwd_mma_sync_kernel", 6),
+                                                      ("gpsa_bwd_mma_sync.cu", "gpsa_bwd_dkdv_mma_sync_kernel", 4)])
+def test_mma_sync_operands_through_ldmatrix(compile_results, source, kernel, instances):
+    """Every instance of the mma.sync kernels, bf16 and fp16, compiled for sm_90: tensor-core operands
+    from shared memory go through LDSM (ldmatrix, .trans too), with no generic LD.E and no MOVM (the
+    bf16 lowering of the WMMA kernels), and the products are HMMA.16816."""
+    rc, log = compile_results[source]
     assert rc == 0, log
-    funcs = {name: body for name, body in sass_functions(compile_results["objects"] / "gpsa_fwd_mma_sync.o").items()
-             if "gpsa_fwd_mma_sync_kernel" in name}
-    assert len(funcs) == 6, f"expected 3 instances x (bf16, fp16), found {sorted(funcs)}"
+    obj = compile_results["objects"] / (pathlib.Path(source).stem + ".o")
+    funcs = {name: body for name, body in sass_functions(obj).items() if kernel in name}
+    assert len(funcs) == instances, f"expected {instances} instances (bf16, fp16), found {sorted(funcs)}"
     for name, body in funcs.items():
         assert "LDSM.16.M88.4" in body and "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix (.trans)"
         assert "HMMA.16816.F32" in body, f"{name}: no m16n8k16 HMMA"
