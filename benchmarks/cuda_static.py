@@ -39,6 +39,8 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 REF_CU = pathlib.Path(__file__).resolve().parent / "cuda_static_ref.cu"
+FA2_REF_CU = REF_CU.parent / "cuda_static_fa2_ref.cu"
+REF_FILES = (REF_CU.name, FA2_REF_CU.name)
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-arch=sm_90", "-Xptxas", "-v", "-cubin"]
 
 # H100 / H200 SXM per SM (sm_90), and device-wide rates used by the prediction.
@@ -159,9 +161,13 @@ def loops_of(insns, labels):
 
 
 def hot_loop(insns, labels, src_file, src_line):
-    """The innermost loop holding an instruction attributed to (src_file, src_line)."""
+    """The innermost loop holding an instruction attributed to (src_file, src_line). A backward branch
+    whose range holds an unconditional EXIT is not a loop: it is out-of-line code (e.g. the
+    divergent-shuffle fallback after BRA.DIV) jumping back into the body."""
     best = None
     for lo, hi in loops_of(insns, labels):
+        if any(insns[t]["text"].startswith("EXIT") for t in range(lo, hi + 1)):
+            continue
         if any((src_file, src_line) in insns[t]["lines"] for t in range(lo, hi + 1)):
             if best is None or hi - lo < best[1] - best[0]:
                 best = (lo, hi)
@@ -232,6 +238,29 @@ def kernel_specs(version):
             name="bwd dK/dV rows64 mma", kernel="gpsa_bwd_dkdv_rows64_kernel", dir="bwd",
             instance="Li4E", smem=bwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
             loops=[("S^T, dM^T, M, dS, dV += M^T dO, dK += dS^T Q", "dkdv64_tile(s_scr", "MUFU.EX2", 2, (n16, n16))]))
+    elif version == "mma_sync":
+        # the mma.sync one-pass forward (D = 48 instance) and the WMMA rows64 backward
+        ld = D + 8
+        fwd_smem = align128(64 * ld * 2) + 2 * align128(n16 * ld * 2)
+        specs.append(dict(
+            name="fwd mma.sync one pass", kernel="gpsa_fwd_mma_sync_kernel", dir="fwd",
+            instance="Li3ELi64E",  # kSteps = 3 (D = 48), 64-key tiles
+            # L2 per CTA: K and V, and its 64 rows of the s P_pos fragments
+            smem=fwd_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2 + 64 * n16 * 2,
+            # per lane and 64-key tile: 32 elements, one EX2 each + 2 rescale EX2 (one per row)
+            loops=[("one pass: S, max, P_c, O_c += P_c V, O_p += s P_pos V",
+                    "c[x] = fast_exp2(fmaf(sc[nb][x], sl2, ms[x / 2]));", "MUFU.EX2", 34 / 32, (n16, n16))],
+            tail=["if (j0 + 8 * nb + 2 * tg + (x & 1) >= N) sc[nb][x] = -INFINITY;",
+                  "if (jb + (x & 1) >= N) c[x] = 0.0f;"]))
+        specs += [s for s in kernel_specs("after") if s["name"] == "bwd dQ rows64 mma"]
+        dkdv_smem = 2 * align128(64 * ld * 2) + 2 * align128(n16 * ld * 2) + align128(4 * 256 * 4) + \
+            4 * align128(n16 * 4)
+        specs.append(dict(
+            name="bwd dK/dV mma.sync", kernel="gpsa_bwd_dkdv_mma_sync_kernel", dir="bwd",
+            instance="Li3E", smem=dkdv_smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
+            loops=[("S^T, dM^T, M^T, dS^T, dV += M^T dO, dK += dS^T Q",
+                    "const float pc = fast_exp2(fmaf(st[half][x], sl2, odd ? oc2.y : oc2.x));", "MUFU.EX2", 2,
+                    (n16, n16))]))
     else:
         raise ValueError(version)
     return specs
@@ -249,6 +278,17 @@ def ref_spec():
         smem=smem, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
         loops=[("pass 1: S, max, sum", "REF-HOT: stats", "MUFU.EX2", 9 / 8, (n16, n16)),
                ("pass 2: S, P, O += P V", "REF-HOT: probs", "MUFU.EX2", 1, (n16, n16))])
+
+
+def fa2_ref_spec():
+    N, D = SHAPE["N"], SHAPE["D"]
+    n16 = ceil_to(N, 16)
+    ld = D + 8
+    return dict(
+        name="plain attention, FA2 path (ref)", file="cuda_static_fa2_ref.cu", kernel="plain_attn_fa2_fwd_kernel",
+        dir="fwd", smem=64 * ld * 2 + 2 * n16 * ld * 2, ctas_per_bh=math.ceil(N / 64), l2_bytes_per_cta=2 * n16 * D * 2,
+        loops=[("one pass: S, max, P, O += P V", "REF-HOT: one pass", "MUFU.EX2", 34 / 32, (n16, n16))],
+        tail=["REF-TAIL"])
 
 
 def marker_line(path, marker):
@@ -269,6 +309,14 @@ def compile_one(nvcc, nvdisasm, src, tmp, cuda_dir):
     if sass.returncode != 0:
         raise RuntimeError(f"nvdisasm failed on {cubin.name}:\n{sass.stderr[-2000:]}")
     return src, parse_ptxas(proc.stdout + proc.stderr), sass.stdout
+
+
+def operand_ops(insns):
+    """How a kernel's operands reach the tensor cores: LDSM (ldmatrix), generic LD.E (not LDS / LDG)
+    and MOVM (a register transpose of a col-major WMMA operand) instructions."""
+    return dict(ldsm=sum(1 for i in insns if i["op"].startswith("LDSM")),
+                ld_generic=sum(1 for i in insns if i["op"].startswith("LD.")),
+                movm=sum(1 for i in insns if i["op"].startswith("MOVM")))
 
 
 def demangle_short(name):
@@ -298,13 +346,16 @@ def occupancy(regs, smem, threads=128):
     return min(by_regs, by_smem, SM_BLOCKS, SM_THREADS // threads), by_regs, by_smem
 
 
-def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir):
+DTYPE_MANGLE = {"bf16": "13__nv_bfloat16", "fp16": "6__half"}
+
+
+def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir, dtype="bf16"):
     src_path = src_dir / spec["file"]
     funcs, labels, ptx = sass_by_file[spec["file"]], label_by_file[spec["file"]], ptx_by_file[spec["file"]]
-    mangled = [f for f in funcs if spec["kernel"] in f and ("bfloat16" in f or "ref" in spec["file"])
+    mangled = [f for f in funcs if spec["kernel"] in f and ("I" + DTYPE_MANGLE[dtype] in f or "ref" in spec["file"])
                and spec.get("instance", "") in f]
     if not mangled:
-        raise RuntimeError(f"kernel {spec['kernel']} (bf16) not in the SASS of {spec['file']}")
+        raise RuntimeError(f"kernel {spec['kernel']} ({dtype}) not in the SASS of {spec['file']}")
     fname = mangled[0]
     insns, labs, info = funcs[fname], labels[fname], ptx.get(fname, {})
     loops = []
@@ -317,14 +368,19 @@ def analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir):
         lo, hi = loop
         n_op = count_ops(insns, lo, hi, op)
         size = hi - lo + 1
+        # Instructions of the masking that only the last key tile runs (a branch skips them on the
+        # others): not counted per element, reported apart.
+        tail_lines = {(spec["file"], marker_line(src_path, m)) for m in spec.get("tail", [])}
+        tail = sum(1 for k in range(lo, hi + 1) if insns[k]["lines"] and insns[k]["lines"] <= tail_lines)
+        size -= tail
         ipe = size * per_elem / n_op if n_op else float("nan")
-        loops.append(dict(label=label, line=line, found=True, size=size, op=op, n_op=n_op, ipe=ipe,
+        loops.append(dict(label=label, line=line, found=True, size=size, tail=tail, op=op, n_op=n_op, ipe=ipe,
                           ex2=count_ops(insns, lo, hi, "MUFU.EX2"), lds=count_ops(insns, lo, hi, "LDS"),
                           ex2_pe=count_ops(insns, lo, hi, "MUFU.EX2") * per_elem / n_op if n_op else 0.0,
                           hmma_pe=count_ops(insns, lo, hi, "HMMA") * per_elem / n_op if n_op else 0.0,
                           elems_per_bh=rows * keys))
     occ, by_regs, by_smem = occupancy(info.get("regs", 0), spec["smem"] + info.get("smem_static", 0))
-    return dict(spec=spec, mangled=fname, regs=info.get("regs"), spills=info.get("spill_st", 0) + info.get("spill_ld", 0),
+    return dict(spec=spec, dtype=dtype, mangled=fname, regs=info.get("regs"), spills=info.get("spill_st", 0) + info.get("spill_ld", 0),
                 smem=spec["smem"] + info.get("smem_static", 0), ctas_per_sm=occ, by_regs=by_regs, by_smem=by_smem,
                 sass=len(insns), loops=loops)
 
@@ -362,11 +418,11 @@ def main():
                     help="the kernel sources (default csrc/cuda; e.g. an older commit's, exported by git archive)")
     ap.add_argument("--version", default="current",
                     help="hot-loop table: 'before' (the 16-row kernels up to the rows64 forward), 'after', or "
-                         "'current' (whichever the sources hold)")
+                         "'mma_sync' (the mma.sync forward and the rows64 backward), or 'current' (whichever the sources hold)")
     args = ap.parse_args()
     cuda_dir = pathlib.Path(args.cuda_dir).resolve()
     nvcc, nvdisasm = _tool("nvcc"), _tool("nvdisasm")
-    sources = sorted(cuda_dir.glob("*.cu")) + [REF_CU]
+    sources = sorted(cuda_dir.glob("*.cu")) + [REF_CU] + ([FA2_REF_CU] if (cuda_dir / "gpsa_mma.cuh").exists() else [])
     sass_by_file, ptx_by_file, label_by_file, rows = {}, {}, {}, []
     with tempfile.TemporaryDirectory() as tmpdir, concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(compile_one, nvcc, nvdisasm, s, pathlib.Path(tmpdir), cuda_dir) for s in sources]
@@ -376,29 +432,37 @@ def main():
             sass_by_file[src.name], ptx_by_file[src.name], label_by_file[src.name] = funcs, ptx, labels
             for fname, info in ptx.items():
                 base, dt = demangle_short(fname)
-                rows.append(dict(file=src.name, kernel=base, dtype=dt, sass=len(funcs.get(fname, [])), **info))
+                insns = funcs.get(fname, [])
+                rows.append(dict(file=src.name, kernel=base, dtype=dt, sass=len(insns), **operand_ops(insns), **info))
 
     print("## Every kernel, sm_90 (nvcc -O3, no fast math)\n")
-    print("| file | kernel | dtype | regs | spill B | static smem B | barriers | SASS instrs | CTAs/SM by regs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| file | kernel | dtype | regs | spill B | static smem B | barriers | SASS instrs | CTAs/SM by regs "
+          "| LDSM | LD.E | MOVM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["file"], r["kernel"], r["dtype"])):
         _, by_regs, _ = occupancy(r["regs"], 0)
         print(f"| {r['file']} | {r['kernel']} | {r['dtype']} | {r['regs']} | {r['spill_st'] + r['spill_ld']} | "
-              f"{r['smem_static']} | {r['barriers']} | {r['sass']} | {by_regs} |")
+              f"{r['smem_static']} | {r['barriers']} | {r['sass']} | {by_regs} | {r['ldsm']} | {r['ld_generic']} "
+              f"| {r['movm']} |")
 
     version = args.version if args.version != "current" else _current_version(cuda_dir)
     specs = kernel_specs(version)
     for spec in specs:
         spec["file"] = _source_of(cuda_dir, spec["kernel"])
     specs.append(ref_spec())
-    results = []
+    if FA2_REF_CU.name in sass_by_file:
+        specs.append(fa2_ref_spec())
+    results, fp16_results = [], []
     for spec in specs:
-        src_dir = REF_CU.parent if spec["file"] == REF_CU.name else cuda_dir
+        src_dir = REF_CU.parent if spec["file"] in REF_FILES else cuda_dir
         results.append(analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir))
+        if spec["file"] not in REF_FILES:  # the fp16 twin of the same source: nvcc lowers its operands differently
+            fp16_results.append(analyse_spec(spec, sass_by_file, ptx_by_file, label_by_file, src_dir, "fp16"))
 
     print(f"\n## Hot loops at the ConViT-S shape (H={SHAPE['H']}, N={SHAPE['N']}, D={SHAPE['D']}, bf16), "
           f"kernels '{version}'\n")
-    print("| kernel | regs | smem/CTA B | CTAs/SM (regs, smem) | loop | SASS in loop | counted | instr/elem | EX2/elem | LDS in loop |")
+    print("| kernel | regs | smem/CTA B | CTAs/SM (regs, smem) | loop | SASS in loop (+ last tile only) | counted | instr/elem "
+          "| EX2/elem | LDS in loop |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
         for lp in res["loops"]:
@@ -406,10 +470,18 @@ def main():
                 print(f"| {res['spec']['name']} | | | | {lp['label']} | loop not found (line {lp['line']}) | | | | |")
                 continue
             print(f"| {res['spec']['name']} | {res['regs']} | {res['smem']} | {res['ctas_per_sm']} "
-                  f"({res['by_regs']}, {res['by_smem']}) | {lp['label']} | {lp['size']} | {lp['n_op']} {lp['op']} | "
+                  f"({res['by_regs']}, {res['by_smem']}) | {lp['label']} | {lp['size']} (+{lp['tail']}) | {lp['n_op']} {lp['op']} | "
                   f"{lp['ipe']:.1f} | {lp['ex2_pe']:.2f} | {lp['lds']} |")
         tot = sum(lp["ipe"] * lp["elems_per_bh"] for lp in res["loops"] if lp["found"]) / (SHAPE["N"] ** 2)
         print(f"| {res['spec']['name']} | | | | **sum, per real element** | | | **{tot:.1f}** | | |")
+
+    print("\n## The same hot loops, fp16 instances next to bf16 (instructions per real element, summed)\n")
+    print("| kernel | bf16 instr/elem | fp16 instr/elem | bf16 regs | fp16 regs |")
+    print("|---|---|---|---|---|")
+    for r16, r in zip(fp16_results, results):
+        per = [sum(x["ipe"] * x["elems_per_bh"] for x in res["loops"] if x["found"]) / (SHAPE["N"] ** 2)
+               for res in (r, r16)]
+        print(f"| {r['spec']['name']} | {per[0]:.1f} | {per[1]:.1f} | {r['regs']} | {r16['regs']} |")
 
     print("\n## Prediction (H100 SXM model: issue 4 warp-instr/clk/SM at 1.755 GHz x 132 SMs, efficiency"
           " 0.8 x min(1, warps/16); MUFU 16/clk/SM; HMMA 660 TFLOP/s; HBM 3.35 TB/s; L2 5.5 TB/s)\n")
@@ -419,17 +491,18 @@ def main():
     for B in (64, 256):
         for res in results:
             t, bound, terms = predict(res, B)
-            key = (res["spec"]["dir"] if res["spec"]["file"] != REF_CU.name else "ref", B)
+            key = ({REF_CU.name: "ref", FA2_REF_CU.name: "fa2 ref"}.get(res["spec"]["file"], res["spec"]["dir"]), B)
             totals[key] = totals.get(key, 0.0) + t
             print(f"| {res['spec']['name']} | {B} | " + " | ".join(f"{terms[k] * 1e6:.1f}" for k in
                                                                ("issue", "mufu", "mma", "hbm", "l2"))
                   + f" | {t * 1e6:.1f} ({bound}) |")
-    print("\n| B | GPSA fwd us | GPSA bwd us | plain-attention ref fwd us | plain SDPA HBM floor fwd us |")
-    print("|---|---|---|---|---|")
+    print("\n| B | GPSA fwd us | GPSA bwd us | plain-attention ref fwd us (WMMA) | plain-attention ref fwd us (FA2 path) "
+          "| plain SDPA HBM floor fwd us |")
+    print("|---|---|---|---|---|---|")
     for B in (64, 256):
         floor = 4 * B * SHAPE["H"] * SHAPE["N"] * SHAPE["D"] * 2 / HBM_BPS
         print(f"| {B} | {totals.get(('fwd', B), 0) * 1e6:.1f} | {totals.get(('bwd', B), 0) * 1e6:.1f} | "
-              f"{totals.get(('ref', B), 0) * 1e6:.1f} | {floor * 1e6:.1f} |")
+              f"{totals.get(('ref', B), 0) * 1e6:.1f} | {totals.get(('fa2 ref', B), 0) * 1e6:.1f} | {floor * 1e6:.1f} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(dict(kernels=rows, hot=[
             dict(name=r["spec"]["name"], regs=r["regs"], smem=r["smem"], ctas_per_sm=r["ctas_per_sm"], loops=r["loops"])
@@ -448,6 +521,8 @@ def _source_of(cuda_dir, kernel):
 def _current_version(cuda_dir):
     """Which hot-loop table matches the sources."""
     text = "".join(p.read_text() for p in sorted(cuda_dir.glob("*.cu")))
+    if "gpsa_fwd_mma_sync_kernel" in text:
+        return "mma_sync"
     return "after" if "gpsa_fwd_rows64_mma_kernel" in text else "before"
 
 

@@ -83,7 +83,7 @@ def compile_results(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): the CUDA sources cannot be compile-checked")
     tmp = tmp_path_factory.mktemp("cuda_compile")
-    procs, results = {}, {}
+    procs, results = {}, {"objects": tmp}
     for cu in CU_FILES:
         cmd = [nvcc, "-c", *NVCC_FLAGS, str(cu), "-o", str(tmp / (cu.stem + ".o"))]
         procs[cu.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,7 +106,8 @@ def compile_results(tmp_path_factory):
 
 def test_cuda_sources_exist():
     names = {p.name for p in CU_FILES}
-    expected = {"gpsa_launch.cu", "gpsa_fwd_simt.cu", "gpsa_fwd_mma.cu", "gpsa_bwd_simt.cu", "gpsa_bwd_mma.cu"}
+    expected = {"gpsa_launch.cu", "gpsa_fwd_simt.cu", "gpsa_fwd_mma.cu", "gpsa_fwd_mma_sync.cu", "gpsa_bwd_simt.cu",
+                "gpsa_bwd_mma.cu", "gpsa_bwd_mma_sync.cu"}
     assert expected <= names, f"missing CUDA sources; found {sorted(names)}"
 
 
@@ -131,3 +132,50 @@ def test_kernels_include_no_torch_header():
         includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), flags=re.M)
         bad = [inc for inc in includes if inc.split("/")[0] in ("torch", "ATen", "c10", "pybind11", "Python.h")]
         assert not bad, f"csrc/cuda/{path.name} includes torch/Python headers {bad}; kernels must not"
+
+
+def _find_cuobjdump():
+    """cuobjdump from PATH, CUDA_HOME, or the copy that ships with the triton package."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (pathlib.Path(home) / "bin" / "cuobjdump").exists():
+            return str(pathlib.Path(home) / "bin" / "cuobjdump")
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        cand = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if cand.exists():
+            return str(cand)
+    return None
+
+
+def sass_functions(obj, arch="sm_90"):
+    """{mangled name: SASS text} of one architecture's cubin in an nvcc object file."""
+    tool = _find_cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, CUDA_HOME, or the triton package): SASS not inspected")
+    proc = subprocess.run([tool, "-sass", "-arch", arch, str(obj)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parts = re.split(r"^\s*Function : (\S+)\s*$", proc.stdout, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.parametrize("source,kernel,instances", [("gpsa_fwd_mma_sync.cu", "gpsa_fwd_mma_sync_kernel", 6),
+                                                      ("gpsa_bwd_mma_sync.cu", "gpsa_bwd_dkdv_mma_sync_kernel", 4)])
+def test_mma_sync_operands_through_ldmatrix(compile_results, source, kernel, instances):
+    """Every instance of the mma.sync kernels, bf16 and fp16, compiled for sm_90: tensor-core operands
+    from shared memory go through LDSM (ldmatrix, .trans too), with no generic LD.E and no MOVM (the
+    bf16 lowering of the WMMA kernels), and the products are HMMA.16816."""
+    rc, log = compile_results[source]
+    assert rc == 0, log
+    obj = compile_results["objects"] / (pathlib.Path(source).stem + ".o")
+    funcs = {name: body for name, body in sass_functions(obj).items() if kernel in name}
+    assert len(funcs) == instances, f"expected {instances} instances (bf16, fp16), found {sorted(funcs)}"
+    for name, body in funcs.items():
+        assert "LDSM.16.M88.4" in body and "LDSM.16.MT88.4" in body, f"{name}: no ldmatrix (.trans)"
+        assert "HMMA.16816.F32" in body, f"{name}: no m16n8k16 HMMA"
+        assert not re.search(r"\bLD\.E", body), f"{name}: generic LD.E loads"
+        assert "MOVM" not in body, f"{name}: MOVM transposes"

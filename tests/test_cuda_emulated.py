@@ -4,9 +4,10 @@ No GPU is needed: the .cu sources are compiled by g++ with tests/cuda_emulator/e
 in for the CUDA runtime (threads of a CTA as cooperative fibers with real __syncthreads and warp
 shuffle barriers; CTAs one after the other; shared memory initialised to NaN). This checks the
 kernels' index arithmetic, masking, barriers, the online softmax, the backward algebra and the
-deterministic reductions, for float64, float32, float16 and bfloat16, incl. the tensor-core (WMMA)
-whole-row forward (the emulator cannot see memory-model races: tests/test_cuda_gpu.py covers those
-on a GPU). Each output is
+deterministic reductions, for float64, float32, float16 and bfloat16, incl. the tensor-core kernels:
+WMMA, and the mma.sync forward, whose mma.sync / ldmatrix / cp.async the emulator runs with the PTX
+per-lane fragment layouts (tested on their own below; the emulator cannot see memory-model races:
+tests/test_cuda_gpu.py covers those on a GPU). Each output is
 written into a NaN-filled buffer with guard zones: an unwritten element or a write out of bounds
 fails the test.
 """
@@ -144,9 +145,11 @@ CASES = [
     (2, 2, 50, 48, (5, 10)),
     (1, 1, 300, 40, (15, 20)),
 ]
-# The 64-row whole-row tensor-core kernels: besides CASES[2] (D = 128), CASES[3] and N = 70 (a second
-# CTA with one active warp): the ConViT shape (14 x 14, D = 48: 4 CTAs, the last one partly past N)
-# and a one-column grid (table of 33 x 1 entries) with a partly masked last key tile.
+# The 64-row whole-row tensor-core kernels (the mma.sync forward, the WMMA rows64 backward): besides
+# CASES[2] (D = 128: kSteps 8, 32-key tiles), CASES[3] (D = 48, the exact instance) and N = 70 (D = 16:
+# guarded k steps; a second CTA with one active warp): the ConViT shape (14 x 14, D = 48: 4 CTAs, the
+# last one partly past N; 4 key tiles, so cp.async groups in flight) and a one-column grid (table of
+# 33 x 1 entries) with a partly masked last key tile.
 LOW_CASES = [CASES[2], CASES[3], (1, 2, 70, 16, (7, 10)), (1, 1, 196, 48, (14, 14)), (1, 1, 17, 32, (17, 1)),
              (1, 1, 300, 32, (15, 20)), (1, 1, 270, 128, (15, 18)), CASES[0], CASES[4]]
 
@@ -260,3 +263,166 @@ def test_emulated_whole_row_falls_back_where_shared_memory_is_short(emu_lib, mon
         assert_within_reference_rule(name, t, grads64[idx], ref_err_grads[idx], dtype, gradient=True)
     # Other kernels ran: their fp32 sums round differently somewhere.
     assert not (torch.equal(out, out_w) and all(torch.equal(x, y) for x, y in zip(grads, grads_w)))
+
+
+# ---- the warp primitives of csrc/cuda/gpsa_mma.cuh (mma.sync m16n8k16, ldmatrix, cp.async) ----
+# Layouts written here from the PTX ISA text, independently of the emulator: g = lane // 4, t = lane % 4;
+# A (16 x 16): register r holds (row g + 8 (r % 2), cols 2 t + 8 (r // 2) + {0, 1});
+# B (16 x 8): register r holds (k 2 t + 8 r + {0, 1}, col g); C (16 x 8): c[i] = (g + 8 (i // 2), 2 t + i % 2).
+def _a_layout(lane, r, e):
+    g, t = divmod(lane, 4)
+    return g + 8 * (r % 2), 2 * t + 8 * (r // 2) + e
+
+
+def _b_layout(lane, r, e):
+    g, t = divmod(lane, 4)
+    return 2 * t + 8 * r + e, g
+
+
+def _c_layout(lane, i):
+    g, t = divmod(lane, 4)
+    return g + 8 * (i // 2), 2 * t + i % 2
+
+
+# Deliberately wrong lane mappings: each must make the emulated product differ from the matmul.
+WRONG_A = {
+    "rows g and g + 8 swapped": lambda lane, r, e: _a_layout(lane, r ^ 1, e),
+    "column halves swapped": lambda lane, r, e: _a_layout(lane, r ^ 2, e),
+    "pair order reversed": lambda lane, r, e: _a_layout(lane, r, 1 - e),
+    "lane transposed": lambda lane, r, e: _a_layout((lane % 4) * 8 + lane // 4, r, e),
+}
+
+
+def _bits(x):
+    return x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _fragments(mat, layout, nregs):
+    """Per-lane registers (32 x nregs, uint32) of `mat` (16-bit) under `layout`."""
+    bits = _bits(mat)
+    vals = []
+    for lane in range(32):
+        for r in range(nregs):
+            lo, hi = (bits[layout(lane, r, e)].item() for e in (0, 1))
+            vals.append(lo | hi << 16)
+    return (ctypes.c_uint32 * len(vals))(*vals)
+
+
+def _emu_mma(lib, dtype, fa, fb, c):
+    d = (ctypes.c_float * 128)(*[c[_c_layout(lane, i)].item() for lane in range(32) for i in range(4)])
+    lib.emu_test_mma(int(dtype == torch.bfloat16), fa, fb, d)
+    out = torch.empty(16, 8, dtype=torch.float64)
+    for lane in range(32):
+        for i in range(4):
+            out[_c_layout(lane, i)] = d[lane * 4 + i]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_mma_m16n8k16_fragment_layout(emu_lib, dtype):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 8, generator=gen).to(dtype)
+    c = torch.randn(16, 8, generator=gen)
+    want = a.double() @ b.double() + c.double()
+    got = _emu_mma(emu_lib, dtype, _fragments(a, _a_layout, 4), _fragments(b, _b_layout, 2), c)
+    assert_close(got, want, atol=1e-4, name="mma.sync m16n8k16")
+    for name, wrong in WRONG_A.items():
+        bad = _emu_mma(emu_lib, dtype, _fragments(a, wrong, 4), _fragments(b, _b_layout, 2), c)
+        assert (bad - want).abs().max() > 1e-2, f"the A mapping '{name}' was not caught"
+    bad = _emu_mma(emu_lib, dtype, _fragments(a, _a_layout, 4),
+                   _fragments(b, lambda lane, r, e: _b_layout(lane, 1 - r, e), 2), c)
+    assert (bad - want).abs().max() > 1e-2, "B registers swapped were not caught"
+
+
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("trans", [False, True])
+def test_emulated_ldmatrix_layout(emu_lib, num, trans):
+    """Register m of lane l: (row l // 4, cols 2 (l % 4) + {0, 1}) of matrix m, whose rows are
+    addressed by lanes 8 m .. 8 m + 7; with .trans the transpose. Lanes address rows in a random order."""
+    gen = torch.Generator().manual_seed(num * 2 + trans)
+    n_rows = 40
+    rows = torch.randint(0, 1 << 16, (n_rows, 8), generator=gen, dtype=torch.int64)
+    row_of_lane = torch.randperm(n_rows, generator=gen)[:32]
+    src = (ctypes.c_uint16 * (n_rows * 8))(*rows.flatten().tolist())
+    lanes = (ctypes.c_int * 32)(*row_of_lane.tolist())
+    out = (ctypes.c_uint32 * 128)()
+    emu_lib.emu_test_ldmatrix(num, int(trans), src, n_rows, lanes, out)
+    for lane in range(32):
+        for m in range(num):
+            mat = rows[row_of_lane[8 * m:8 * m + 8]]  # 8 x 8: row rr from lane 8 m + rr
+            if trans:
+                mat = mat.t()
+            lo, hi = mat[lane // 4, 2 * (lane % 4)].item(), mat[lane // 4, 2 * (lane % 4) + 1].item()
+            assert out[lane * 4 + m] == lo | hi << 16, f"ldmatrix x{num} trans={trans}: lane {lane}, matrix {m}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trans", [False, True])
+def test_emulated_ldmatrix_then_mma_is_a_matmul(emu_lib, dtype, trans):
+    """The operand path of the mma.sync kernels: A through ldmatrix.x4, B through ldmatrix.x2 from B^T
+    rows (how K is stored) or .trans from B rows (how V is stored), then mma: D = A B."""
+    gen = torch.Generator().manual_seed(17 + trans)
+    a = torch.randn(16, 16, generator=gen).to(dtype)
+    b = torch.randn(16, 8, generator=gen).to(dtype)
+    b_stored = b if trans else b.t().contiguous()
+    d = (ctypes.c_float * 128)()
+    emu_lib.emu_test_ldsm_mma(int(dtype == torch.bfloat16), int(trans),
+                              (ctypes.c_uint16 * 256)(*_bits(a).flatten().tolist()),
+                              (ctypes.c_uint16 * 128)(*_bits(b_stored).flatten().tolist()), d)
+    got = torch.tensor(list(d), dtype=torch.float64).view(16, 8)
+    assert_close(got, a.double() @ b.double(), atol=1e-4, name="ldmatrix + mma")
+
+
+def test_emulated_cp_async_lands_at_its_wait_group(emu_lib):
+    """Copies land only when wait_group completes their group (oldest first); src-size 0 writes zeros."""
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randint(0, 256, (1024,), generator=gen, dtype=torch.int64)
+    zero = [1 if lane in (3, 20) else 0 for lane in range(32)]
+    seen = (ctypes.c_ubyte * 3072)()
+    emu_lib.emu_test_cp_async((ctypes.c_ubyte * 1024)(*src.tolist()), (ctypes.c_int * 32)(*zero), seen)
+    seen = torch.tensor(list(seen), dtype=torch.int64).view(3, 1024)
+    want = src.clone().view(2, 32, 16)
+    want[:, [3, 20]] = 0
+    want = want.view(1024)
+    assert (seen[0] == 0xAB).all(), "a copy landed before its wait_group"
+    assert torch.equal(seen[1, :512], want[:512]) and (seen[1, 512:] == 0xAB).all(), "wait_group 1"
+    assert torch.equal(seen[2], want), "wait_group 0"
+
+
+def test_emulated_mma_sync_forward_negative_scale_and_repeats(emu_lib):
+    """The mma.sync forward (bf16, D = 48, N <= 256) with a negative scale, where its Q fragments flip
+    sign so that the running max is taken on the raw scores: the 2x rule against the reference run
+    with the same scale, and bitwise equal output and lse over repeated calls."""
+    B, H, N, D, grid = 1, 2, 50, 48, (5, 10)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(31)
+    q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    scale = -0.4
+    out, lse = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    out2, lse2 = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2), "the forward differs between identical runs"
+    want = gpsa_reference(*(t.double() for t in (q, k, v, w, b, g)), grid, scale)
+    low = gpsa_reference(q, k, v, w.float(), b.float(), g.float(), grid, scale)
+    assert_within_reference_rule("out", out, want, (low.double() - want).abs().max().item(), dtype, gradient=False)
+    want_lse = _content_lse(q, k, scale)
+    assert_close(lse, want_lse, atol=1e-5 * max(1.0, want_lse.abs().max().item()), name="lse")
+
+
+def test_emulated_mma_sync_forward_logits_far_below_zero(emu_lib):
+    """Every content logit of a row near -100 (q anti-parallel to every key): the padded keys past N
+    (zero K rows, logit 0) must not enter the running max, or 2^(logit - max) underflows to 0 and the
+    row sum with it. bf16, N = 50 (keys 50 .. 63 padded), D = 48: the mma.sync forward."""
+    B, H, N, D, grid = 1, 1, 50, 48, (5, 10)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(41)
+    q, k, v, w, b, g, _ = make_gpsa_inputs(B, H, N, D, grid, dtype=dtype, layout="bnhd", generator=gen)
+    u = torch.randn(D, generator=gen)
+    u = u / u.norm()
+    k = (u + 0.01 * torch.randn(B, H, N, D, generator=gen)).to(dtype)
+    q = (-100.0 * D ** 0.5 * u.expand(B, H, N, D)).to(dtype)
+    scale = D ** -0.5
+    out, lse = _emu_forward(emu_lib, q, k, v, w, g, *grid, scale)
+    want = gpsa_reference(*(t.double() for t in (q, k, v, w, b, g)), grid, scale)
+    low = gpsa_reference(q, k, v, w.float(), b.float(), g.float(), grid, scale)
+    assert_within_reference_rule("out", out, want, (low.double() - want).abs().max().item(), dtype, gradient=False)

@@ -730,6 +730,7 @@ cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream) {
     cudaError_t err = a.D <= 64 ? launch_with_smem(gpsa_bwd_dq_rows64_kernel<T, 4>, grid, smem, stream, a)
                                 : launch_with_smem(gpsa_bwd_dq_rows64_kernel<T, 8>, grid, smem, stream, a);
     if (err != cudaSuccess) return err;
+    if (bwd_dkdv_mma_sync_takes(a.N, a.D)) return bwd_dkdv_mma_sync_launch<T>(a, stream);  // mma.sync path
     return a.D <= 64 ? launch_with_smem(gpsa_bwd_dkdv_rows64_kernel<T, 4>, grid, smem, stream, a)
                      : launch_with_smem(gpsa_bwd_dkdv_rows64_kernel<T, 8>, grid, smem, stream, a);
   }

@@ -250,6 +250,7 @@ struct FwdArgs {
   T* out; Strides3 os;
   Acc* lse;
   const Acc* pos_lse;
+  void* pos_frag;  // the mma.sync forward's positional fragments (gpsa_fwd_mma_sync.cu)
   int B, H, N, D, rows, cols;
   Acc scale;
 };
@@ -258,9 +259,14 @@ struct FwdArgs {
 // N <= kWholeRowMaxN, else the tiled one. a.pos_lse must hold the positional statistics.
 template <typename T>
 cudaError_t fwd_simt_launch(const FwdArgs<T>& a, cudaStream_t stream);
-// The tensor-core forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with D % 16 == 0 on
-// sm_80+: the 64-row whole-row kernel for N <= kWholeRowMaxN where its shared memory fits the
-// device, else the tiled kernel (any N). The outputs of the SIMT kernels.
+// The mma.sync forward (gpsa_fwd_mma_sync.cu), for T = __half / __nv_bfloat16 on sm_80+: taken
+// where fwd_mma_sync_takes (N <= kWholeRowMaxN, D % 16 == 0, its shared memory fits the device).
+bool fwd_mma_sync_takes(int N, int D);
+template <typename T>
+cudaError_t fwd_mma_sync_launch(const FwdArgs<T>& a, cudaStream_t stream);
+// The WMMA tiled forward (gpsa_fwd_mma.cu), for T = __half / __nv_bfloat16 with D % 16 == 0 on
+// sm_80+, any N: where the mma.sync forward does not apply (N > kWholeRowMaxN, or too little shared
+// memory). The outputs of the SIMT kernels.
 template <typename T>
 cudaError_t fwd_mma_launch(const FwdArgs<T>& a, cudaStream_t stream);
 
@@ -306,6 +312,12 @@ cudaError_t bwd_simt_launch(const BwdArgs<T>& a, cudaStream_t stream);
 // D % 16 == 0 on sm_80+: the same outputs, workspaces and partial sums as the SIMT kernels.
 template <typename T>
 cudaError_t bwd_mma_launch(const BwdArgs<T>& a, cudaStream_t stream);
+// The mma.sync dK/dV kernel (gpsa_bwd_mma_sync.cu), for T = __half / __nv_bfloat16 on sm_80+: taken
+// by bwd_mma_launch's whole-row path where bwd_dkdv_mma_sync_takes (N <= kWholeRowMaxN, D % 16 == 0,
+// D <= 64, its shared memory fits); reads the dQ kernel's Delta_c.
+bool bwd_dkdv_mma_sync_takes(int N, int D);
+template <typename T>
+cudaError_t bwd_dkdv_mma_sync_launch(const BwdArgs<T>& a, cudaStream_t stream);
 // Whether bwd_mma_launch takes the 64-row whole-row kernels (N <= kWholeRowMaxN and their shared
 // memory fits the device); the dQ CTAs, hence the partial sums, then cover kRows64 rows each.
 bool bwd_mma_takes_rows64(int N, int D, size_t elem);

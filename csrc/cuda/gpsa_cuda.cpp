@@ -65,6 +65,8 @@ std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q_in, const a
   at::Tensor lse = at::empty({B, H, N}, pos_weight.options());
   if (B == 0) return {out, lse};
   at::Tensor pos_lse = at::empty({H, N}, pos_weight.options());
+  const int64_t frag_bytes = gpsa_fwd_pos_frag_bytes(int(H), int(N));
+  at::Tensor pos_frag = at::empty({frag_bytes}, q.options().dtype(at::kByte));
 
   GpsaFwdParams p{};
   p.dtype = to_gpsa_dtype(q.scalar_type());
@@ -78,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor> gpsa_fwd_cuda(const at::Tensor& q_in, const a
   p.out = out.data_ptr(); p.out_stride = strides_of(out);
   p.lse = lse.data_ptr();
   p.pos_lse = pos_lse.data_ptr();
+  p.pos_frag = frag_bytes > 0 ? pos_frag.data_ptr() : nullptr;
   check_launch("gpsa_fwd", gpsa_fwd_launch(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }

@@ -43,7 +43,13 @@ struct GpsaFwdParams {
   void* out; Strides3 out_stride;  // q's dtype
   void* lse;                       // (B, H, N), acc dtype
   void* pos_lse;  // workspace (H, N), acc dtype: the positional softmax log-sum-exp
+  // workspace of gpsa_fwd_pos_frag_bytes(H, N) bytes, 16-byte aligned (may be null where that is 0):
+  // the mma.sync forward's batch-independent s P_pos, in q's dtype, in mma A-fragment order
+  void* pos_frag;
 };
+
+// Bytes of GpsaFwdParams::pos_frag: H x ceil16(N)^2 16-bit values for N <= kWholeRowMaxN, else 0.
+int64_t gpsa_fwd_pos_frag_bytes(int H, int N);
 
 struct GpsaBwdParams {
   GpsaDtype dtype;

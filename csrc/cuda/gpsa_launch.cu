@@ -1,9 +1,10 @@
 // The launchers of gpsa_cuda.h: argument sizes, the path each call takes, and the kernels every
 // path shares (the positional softmax statistics, the backward's reduction of the partial sums).
 // No torch header. The paths:
-//   forward:  fp16/bf16 with D % 16 == 0 on sm_80+: the tensor-core kernels (gpsa_fwd_mma.cu);
-//             otherwise the SIMT kernels (gpsa_fwd_simt.cu); each has a whole-row kernel for
-//             N <= kWholeRowMaxN and a tiled online-softmax kernel for larger N.
+//   forward:  fp16/bf16 with D % 16 == 0 on sm_80+: the mma.sync whole-row kernel for
+//             N <= kWholeRowMaxN (gpsa_fwd_mma_sync.cu), the WMMA tiled kernel for larger N or
+//             where shared memory is short (gpsa_fwd_mma.cu); otherwise the SIMT kernels
+//             (gpsa_fwd_simt.cu: whole-row for N <= kWholeRowMaxN, tiled beyond).
 //   backward: the same split (gpsa_bwd_mma.cu, gpsa_bwd_simt.cu): a dQ kernel that also writes the
 //             partial sums of dw and dg, a dK/dV kernel, then gpsa_bwd_reduce_kernel here.
 #include "gpsa_common.cuh"
@@ -72,10 +73,14 @@ cudaError_t fwd_typed(const GpsaFwdParams& p, cudaStream_t stream) {
   a.out = static_cast<T*>(p.out); a.os = p.out_stride;
   a.lse = static_cast<Acc*>(p.lse);
   a.pos_lse = static_cast<const Acc*>(p.pos_lse);
+  a.pos_frag = p.pos_frag;
   a.B = p.B; a.H = p.H; a.N = p.N; a.D = p.D; a.rows = p.rows; a.cols = p.cols;
   a.scale = Acc(p.scale);
   if constexpr (sizeof(T) == 2) {  // WMMA takes fp16 / bf16 operands only
-    if (p.D % 16 == 0 && device_is_sm80_or_newer()) return fwd_mma_launch<T>(a, stream);
+    if (p.D % 16 == 0 && device_is_sm80_or_newer()) {
+      if (p.pos_frag != nullptr && fwd_mma_sync_takes(p.N, p.D)) return fwd_mma_sync_launch<T>(a, stream);
+      return fwd_mma_launch<T>(a, stream);
+    }
   }
   return fwd_simt_launch<T>(a, stream);
 }
@@ -153,6 +158,12 @@ cudaError_t gpsa_fwd_launch(const GpsaFwdParams& p, cudaStream_t stream) {
     case GpsaDtype::kFloat64: return detail::fwd_typed<double>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+int64_t gpsa_fwd_pos_frag_bytes(int H, int N) {
+  if (N > kWholeRowMaxN) return 0;
+  const int64_t n16 = detail::ceil_div(N, 16) * 16;
+  return int64_t(H) * n16 * n16 * 2;
 }
 
 GpsaBwdWorkspace gpsa_bwd_workspace_sizes(int B, int H, int N) {

@@ -6,8 +6,13 @@
 // thread of its block / warp arrives, so a missing barrier or a wrong lane index shows up as a
 // wrong result. Dynamic shared memory starts filled with NaN bytes, so reading shared memory that
 // was never written poisons the output. fp16/bf16 are real 16-bit types (round to nearest even);
-// WMMA tiles are computed whole by every lane (fp32 FMA). Not emulated: memory-model races between
-// unsynchronised threads, the order of the tensor cores' internal sums.
+// WMMA tiles are computed whole by every lane (fp32 FMA). mma.sync m16n8k16 and ldmatrix are
+// warp-collective with the PTX ISA's per-lane fragment layouts (each lane publishes its registers or
+// row address, the warp meets at a barrier, each lane takes what the layout gives it), so a wrong
+// lane mapping in a kernel gives a wrong result. cp.async copies are held per thread and land only
+// at the cp.async.wait_group that completes their group, so a missing wait (or a missing barrier
+// after it) reads NaN. Not emulated: memory-model races between unsynchronised threads, the order
+// of the tensor cores' internal sums.
 // Force-included (g++ -include) ahead of the kernels; cuda_runtime.h & co. are empty stand-ins.
 #pragma once
 
@@ -19,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <deque>
 #include <functional>
 #include <type_traits>
 #include <vector>
@@ -27,6 +33,10 @@ using std::exp;
 using std::fma;
 using std::fmax;
 using std::log;
+using std::max;
+using std::min;
+
+#define CONVIT_CUDA_EMULATOR 1
 
 #define __global__
 #define __device__
@@ -48,6 +58,12 @@ template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
+struct alignas(8) int2 {
+  int x, y;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
@@ -101,11 +117,18 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
 
 namespace emu {
 
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   dim3 tid;
   bool done = false;
+  std::vector<AsyncCopy> cp_open;               // issued, not yet committed
+  std::deque<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first, not yet landed
 };
 
 struct Barrier {
@@ -120,6 +143,8 @@ struct State {
   Barrier block;
   std::vector<Barrier> warps;
   std::vector<double> shuffle;  // one slot per thread (values up to 8 bytes)
+  std::vector<uint32_t> xchg;   // kXchg words per thread: a warp-collective's registers
+  std::vector<const void*> xptr;  // one row address per thread (ldmatrix)
   std::vector<unsigned char> smem;
   const std::function<void()>* body = nullptr;
   dim3 block_idx, grid_dim, block_dim;
@@ -156,6 +181,8 @@ inline void run_block(const std::function<void()>& body, unsigned nthreads, size
   s.warps.assign((nthreads + 31) / 32, Barrier{});
   for (unsigned w = 0; w < s.warps.size(); ++w) s.warps[w].count = int(std::min(32u, nthreads - 32 * w));
   s.shuffle.assign(nthreads, 0.0);
+  s.xchg.assign(size_t(nthreads) * 8, 0u);
+  s.xptr.assign(nthreads, nullptr);
   s.smem.assign(smem_bytes + 64, 0xFF);  // NaN bytes: unwritten shared memory poisons the result
   s.body = &body;
   for (unsigned t = 0; t < nthreads; ++t) {
@@ -163,6 +190,8 @@ inline void run_block(const std::function<void()>& body, unsigned nthreads, size
     f.stack.resize(kStack);
     f.tid = dim3(t, 0, 0);
     f.done = false;
+    f.cp_open.clear();  // copies never waited for do not land
+    f.cp_groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
     f.ctx.uc_stack.ss_size = kStack;
@@ -315,3 +344,102 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- mma.sync m16n8k16, ldmatrix, cp.async (called by csrc/cuda/gpsa_mma.cuh) ----
+namespace emu {
+
+inline float half_bits_to_float(uint32_t bits, bool bf16) {
+  return bf16 ? __bfloat162float(__nv_bfloat16{uint16_t(bits)}) : __half2float(__half{uint16_t(bits)});
+}
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const std::vector<unsigned char>& m = state().smem;
+  return c >= m.data() && c + bytes <= m.data() + m.size();
+}
+
+// d += A B, A 16 x 16 and B 16 x 8 of fp16 / bf16, fp32 accumulation in k order. Each lane
+// rebuilds its rows of A and its columns of B from the lanes the PTX fragment layout names.
+inline void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2], bool bf16) {
+  State& s = state();
+  const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+  wait(s.warps[warp]);  // every lane has read the previous collective
+  for (int r = 0; r < 4; ++r) s.xchg[t * 8 + r] = a[r];
+  for (int r = 0; r < 2; ++r) s.xchg[t * 8 + 4 + r] = b[r];
+  wait(s.warps[warp]);  // every lane has written this one
+  const uint32_t* w = &s.xchg[size_t(warp) * 32 * 8];
+  auto a_at = [&](int row, int col) {  // A[row][col]: lane 4 (row % 8) + (col % 8) / 2, reg (row / 8) + 2 (col / 8)
+    const uint32_t reg = w[(4 * (row % 8) + (col % 8) / 2) * 8 + (row / 8) + 2 * (col / 8)];
+    return half_bits_to_float(col % 2 ? reg >> 16 : reg & 0xffffu, bf16);
+  };
+  auto b_at = [&](int k, int col) {  // B[k][col]: lane 4 col + (k % 8) / 2, reg k / 8
+    const uint32_t reg = w[(4 * col + (k % 8) / 2) * 8 + 4 + k / 8];
+    return half_bits_to_float(k % 2 ? reg >> 16 : reg & 0xffffu, bf16);
+  };
+  const int g = int(lane / 4), tg = int(lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * tg + i % 2;
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc = std::fma(a_at(row, k), b_at(k, col), acc);
+    d[i] = acc;
+  }
+}
+
+// ldmatrix.m8n8.x{1,2,4}[.trans].b16: lanes 8 m .. 8 m + 7 address the rows of matrix m (16-byte
+// aligned, in shared memory); register m of lane l gets (row l / 4, cols 2 (l % 4) + {0, 1}), or
+// with trans (rows 2 (l % 4) + {0, 1}, col l / 4).
+inline void ldmatrix(uint32_t* r, int num, bool trans, const void* row) {
+  State& s = state();
+  const unsigned t = threadIdx.x, warp = t / 32, lane = t % 32;
+  wait(s.warps[warp]);
+  s.xptr[t] = row;
+  if (int(lane) < 8 * num && (reinterpret_cast<uintptr_t>(row) % 16 != 0 || !in_smem(row, 16))) {
+    std::fprintf(stderr, "emu: ldmatrix row address %p of lane %u not 16-byte aligned shared memory\n", row, lane);
+    std::abort();
+  }
+  wait(s.warps[warp]);
+  const void* const* rows = &s.xptr[size_t(warp) * 32];
+  auto elem = [&](int m, int rr, int cc) {  // matrix m, row rr, col cc
+    uint16_t v;
+    std::memcpy(&v, static_cast<const unsigned char*>(rows[8 * m + rr]) + 2 * cc, 2);
+    return uint32_t(v);
+  };
+  for (int m = 0; m < num; ++m) {
+    if (!trans)
+      r[m] = elem(m, lane / 4, 2 * (lane % 4)) | elem(m, lane / 4, 2 * (lane % 4) + 1) << 16;
+    else
+      r[m] = elem(m, 2 * (lane % 4), lane / 4) | elem(m, 2 * (lane % 4) + 1, lane / 4) << 16;
+  }
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || !in_smem(dst, 16) ||
+      (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    std::fprintf(stderr, "emu: cp.async dst %p / src %p not 16-byte aligned (or dst not shared)\n", dst, src);
+    std::abort();
+  }
+  AsyncCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  if (valid) std::memcpy(c.data, src, 16);
+  else std::memset(c.data, 0, 16);
+  state().current->cp_open.push_back(c);
+}
+inline void cp_async_commit() {
+  Fiber& f = *state().current;
+  f.cp_groups.push_back(std::move(f.cp_open));
+  f.cp_open.clear();
+}
+inline void cp_async_wait(int pending) {
+  Fiber& f = *state().current;
+  // Before landing anything, let the other threads run some round-robin passes, more for higher
+  // warps: a lower warp that reads a higher warp's bytes without a barrier after the wait (its own
+  // warp-collectives take about two passes) then reads them before they land.
+  if (int(f.cp_groups.size()) > pending)
+    for (unsigned pass = 0; pass < 1 + 3 * (threadIdx.x / 32); ++pass) yield();
+  while (int(f.cp_groups.size()) > pending) {
+    for (const AsyncCopy& c : f.cp_groups.front()) std::memcpy(c.dst, c.data, 16);
+    f.cp_groups.pop_front();
+  }
+}
+
+}  // namespace emu
