@@ -3,8 +3,8 @@
     python benchmarks/report.py                         # every benchmarks/results/*.json
     python benchmarks/report.py run.json -o out.md      # chosen files, another output
 
-One section per run (JSON files of one machine, commit and day are merged), newest first: the device, commit, torch and
-triton versions and the command, then a table for the op (median time per call and the speed-up
+One section per run (JSON files of one machine, commit, day, CPU ISA level and ISA caps are merged), newest first:
+the device, commit, torch and triton versions, the CPU model and the cpu backend's ISA level, the command, then a table for the op (median time per call and the speed-up
 against the official eager formulation, torch.compile of it, the composed baseline, and the time
 relative to plain SDPA; "composed" is the composed-PyTorch baseline ``gpsa_composed``, "sdpa" the backend of
 that name, "plain_sdpa" SDPA alone) and one for the model (images/s against the official eager model, the
@@ -168,7 +168,8 @@ def _run_key(data):
     """Files from one machine and one commit (e.g. the op and model halves of a GPU run) share a section."""
     info = data.get("machine_info", {}).get("convit", {})
     return (info.get("device"), info.get("device_name"), info.get("torch"),
-            data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10])
+            data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10],
+            info.get("cpu_isa"), tuple(sorted(info.get("isa_env", {}).items())))  # levels: separate sections
 
 
 def run_section(runs: list) -> list[str]:
@@ -194,6 +195,11 @@ def run_section(runs: list) -> list[str]:
         f"torch threads {info.get('threads', '?')}" + (f"; {info['device_name']} {info.get('device_memory_gb', '')} GB"
                                                       if info.get("device") == "cuda" else ""),
     ]
+    if "cpu_isa" in info:
+        caps = ", ".join(f"{k}={v}" for k, v in info.get("isa_env", {}).items()) or "none"
+        lines.append(f"- CPU: {info.get('cpu_model', '?')}; cpu backend ISA level **{info['cpu_isa']}** (supported: "
+                     f"{', '.join(info.get('cpu_isa_levels', [])) or '?'}); ATen CPU capability "
+                     f"{info.get('aten_cpu_capability', '?')}; ISA caps in the environment: {caps}")
     lines += [f"- Command: `{d.get('machine_info', {}).get('convit', {}).get('command', '?')}`" for d in runs]
     lines += [
         "- Backends: " + ", ".join(f"{k}: {v}" for k, v in info.get("backend_status", {}).items()),
