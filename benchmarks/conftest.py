@@ -58,14 +58,23 @@ ISA_ENV = ("CONVIT_KERNELS_CPU_ISA", "CONVIT_KERNELS_CPU_PORTABLE", "ONEDNN_MAX_
 
 
 def cpu_model(machine_info=None) -> str:
-    brand = (machine_info or {}).get("cpu", {}).get("brand_raw")
-    if not brand:
-        try:
-            with open("/proc/cpuinfo") as f:
-                brand = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-        except OSError:
-            brand = None
-    return brand or platform.processor() or platform.machine() or "unknown CPU"
+    """The CPU's brand string, with its family and model numbers where /proc/cpuinfo has them (a VM's
+    brand string can be as vague as "AMD EPYC"; family 25 model 17 says Zen 4)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    brand = (machine_info or {}).get("cpu", {}).get("brand_raw") or fields.get("model name")
+    brand = brand or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        brand += f" (family {fields['cpu family']}, model {fields['model']})"
+    return brand
 
 
 def cpu_info(machine_info=None) -> dict:

@@ -66,7 +66,11 @@ def op_table(benches) -> list[str]:
         "",
         "Time: median per call (" + ("CUDA events, L2 flushed before each call; pytest-benchmark's "
                                      "wall-clock median, which includes launch and synchronisation, in brackets"
-                                     if has_events else "wall clock, last-level cache overwritten before each call")
+                                     if has_events else
+                                     ("CPU time of the calling thread (--benchmark-timer=time.thread_time: other jobs "
+                                      "on the machine do not count)" if "thread_time" in str(
+                                          benches[0].get("options", {}).get("timer", "")) else "wall clock")
+                                     + ", last-level cache overwritten before each call")
         + "; 'min ms': the fastest round, the least disturbed by other jobs on a shared machine"
         + "). Speed-up = baseline time / this time (> 1: faster than the baseline); "
           "'/ SDPA' = this time / plain SDPA time (the target is <= 1.3). Providers: 'composed' is the "
@@ -169,7 +173,9 @@ def _run_key(data):
     info = data.get("machine_info", {}).get("convit", {})
     return (info.get("device"), info.get("device_name"), info.get("torch"),
             data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10],
-            info.get("cpu_isa"), tuple(sorted(info.get("isa_env", {}).items())))  # levels: separate sections
+            # levels, caps, thread counts and timers: separate sections
+            info.get("cpu_isa"), tuple(sorted(info.get("isa_env", {}).items())), info.get("threads"),
+            str((data.get("benchmarks") or [{}])[0].get("options", {}).get("timer")))
 
 
 def run_section(runs: list) -> list[str]:
