@@ -50,6 +50,49 @@ def pytest_runtest_logreport(report):
         _SKIPPED[report.nodeid.split("::")[-1]] = reason.removeprefix("Skipped: ")
 
 
+# The environment variables that cap the ISA of the code a CPU run times: ours (csrc/cpu/gpsa_cpu.h), oneDNN's
+# (the brgemm products of the cpu backend), MKL's (torch.mm, the composed baseline) and ATen's own kernels
+# (SDPA's flash attention, softmax). Setting all four to AVX2 on an AVX-512 machine emulates an AVX2 CPU.
+ISA_ENV = ("CONVIT_KERNELS_CPU_ISA", "CONVIT_KERNELS_CPU_PORTABLE", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+           "ATEN_CPU_CAPABILITY")
+
+
+def cpu_model(machine_info=None) -> str:
+    """The CPU's brand string, with its family and model numbers where /proc/cpuinfo has them (a VM's
+    brand string can be as vague as "AMD EPYC"; family 25 model 17 says Zen 4)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    brand = (machine_info or {}).get("cpu", {}).get("brand_raw") or fields.get("model name")
+    brand = brand or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        brand += f" (family {fields['cpu family']}, model {fields['model']})"
+    return brand
+
+
+def cpu_info(machine_info=None) -> dict:
+    """The CPU model, the ISA level of the cpu backend, the levels the CPU supports, ATen's CPU capability
+    and the ISA caps set in the environment: recorded in every benchmark JSON (GPU runs too: the host)."""
+    info = {"cpu_model": cpu_model(machine_info),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_env": {k: os.environ[k] for k in ISA_ENV if k in os.environ}}
+    try:
+        import convit_kernels  # noqa: F401 - loads the ops
+
+        info["cpu_isa"] = torch.ops.convit_kernels.cpu_isa()
+        info["cpu_isa_levels"] = list(torch.ops.convit_kernels.cpu_isa_levels())
+    except Exception as err:  # noqa: BLE001 - the extension is optional; say why it is missing
+        info["cpu_isa"] = f"unknown ({type(err).__name__}: {err})"
+    return info
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import convit_bench
 
@@ -80,6 +123,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         info["device_memory_gb"] = round(props.total_memory / 2**30, 1)
     else:
         info["device_name"] = machine_info.get("cpu", {}).get("brand_raw") or platform.processor() or "CPU"
+    info.update(cpu_info(machine_info))
     if _LOAD_AT_START is not None:
         info["load_average_start"] = [round(x, 2) for x in _LOAD_AT_START]
         info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

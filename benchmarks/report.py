@@ -3,8 +3,8 @@
     python benchmarks/report.py                         # every benchmarks/results/*.json
     python benchmarks/report.py run.json -o out.md      # chosen files, another output
 
-One section per run (JSON files of one machine, commit and day are merged), newest first: the device, commit, torch and
-triton versions and the command, then a table for the op (median time per call and the speed-up
+One section per run (JSON files of one machine, commit, day, CPU ISA level and ISA caps are merged), newest first:
+the device, commit, torch and triton versions, the CPU model and the cpu backend's ISA level, the command, then a table for the op (median time per call and the speed-up
 against the official eager formulation, torch.compile of it, the composed baseline, and the time
 relative to plain SDPA; "composed" is the composed-PyTorch baseline ``gpsa_composed``, "sdpa" the backend of
 that name, "plain_sdpa" SDPA alone) and one for the model (images/s against the official eager model, the
@@ -66,7 +66,11 @@ def op_table(benches) -> list[str]:
         "",
         "Time: median per call (" + ("CUDA events, L2 flushed before each call; pytest-benchmark's "
                                      "wall-clock median, which includes launch and synchronisation, in brackets"
-                                     if has_events else "wall clock, last-level cache overwritten before each call")
+                                     if has_events else
+                                     ("CPU time of the calling thread (--benchmark-timer=time.thread_time: other jobs "
+                                      "on the machine do not count)" if "thread_time" in str(
+                                          benches[0].get("options", {}).get("timer", "")) else "wall clock")
+                                     + ", last-level cache overwritten before each call")
         + "; 'min ms': the fastest round, the least disturbed by other jobs on a shared machine"
         + "). Speed-up = baseline time / this time (> 1: faster than the baseline); "
           "'/ SDPA' = this time / plain SDPA time (the target is <= 1.3). Providers: 'composed' is the "
@@ -168,7 +172,10 @@ def _run_key(data):
     """Files from one machine and one commit (e.g. the op and model halves of a GPU run) share a section."""
     info = data.get("machine_info", {}).get("convit", {})
     return (info.get("device"), info.get("device_name"), info.get("torch"),
-            data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10])
+            data.get("commit_info", {}).get("id"), data.get("datetime", "")[:10],
+            # levels, caps, thread counts and timers: separate sections
+            info.get("cpu_isa"), tuple(sorted(info.get("isa_env", {}).items())), info.get("threads"),
+            str((data.get("benchmarks") or [{}])[0].get("options", {}).get("timer")))
 
 
 def run_section(runs: list) -> list[str]:
@@ -194,6 +201,11 @@ def run_section(runs: list) -> list[str]:
         f"torch threads {info.get('threads', '?')}" + (f"; {info['device_name']} {info.get('device_memory_gb', '')} GB"
                                                       if info.get("device") == "cuda" else ""),
     ]
+    if "cpu_isa" in info:
+        caps = ", ".join(f"{k}={v}" for k, v in info.get("isa_env", {}).items()) or "none"
+        lines.append(f"- CPU: {info.get('cpu_model', '?')}; cpu backend ISA level **{info['cpu_isa']}** (supported: "
+                     f"{', '.join(info.get('cpu_isa_levels', [])) or '?'}); ATen CPU capability "
+                     f"{info.get('aten_cpu_capability', '?')}; ISA caps in the environment: {caps}")
     lines += [f"- Command: `{d.get('machine_info', {}).get('convit', {}).get('command', '?')}`" for d in runs]
     lines += [
         "- Backends: " + ", ".join(f"{k}: {v}" for k, v in info.get("backend_status", {}).items()),

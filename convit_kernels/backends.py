@@ -147,7 +147,17 @@ def backend_report(device="cpu", dtype=torch.float32) -> dict[str, str]:
         else:
             report[name] = (f"available; auto prefers {chosen.name!r} (rank {chosen_rank} > "
                             f"{_auto_rank(backend, dev)})")
+    if dev == "cpu" and _status("cpu", dev) == "available":
+        report["cpu"] += f"; {cpu_isa_note()}"
     return report
+
+
+def cpu_isa_note() -> str:
+    """The ISA level the C++ CPU kernels run at and the levels this CPU supports, in one phrase."""
+    ops = torch.ops.convit_kernels
+    levels = ", ".join(ops.cpu_isa_levels())
+    return (f"ISA level {ops.cpu_isa()} (this CPU supports {levels}; CONVIT_KERNELS_CPU_ISA forces a lower one, "
+            "csrc/cpu/gpsa_cpu.h)")
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:

@@ -100,8 +100,12 @@ def assert_within_reference_rule(name, got, want, ref_err, dtype, gradient, cont
     """The project's tolerance for a fused kernel's result ``got`` against the float64 reference ``want``.
 
     ``ref_err``: the error of the reference run in ``dtype`` (from ``reference_errors``).
-    - float16 / bfloat16, docs/DESIGN.md section 4: at most 2x (output) / 3x (gradients) ``ref_err``, plus a
-      hair (1e-6) of fp32 noise.
+    - float16 / bfloat16, docs/DESIGN.md section 4: at most 2x (output) / 3x (gradients) ``ref_err``, plus a hair
+      (1e-6) of fp32 noise and one unit roundoff of ``dtype`` at the largest entry (2^-9 of it in bf16, 2^-12 in fp16). The
+      reference's error is one random draw, and for a result of a few numbers (grad_gating: one per
+      head) it can by chance sit far below the dtype's resolution: without that floor the sdpa backend's
+      bf16 grad_gating failed 2 of 60 fresh draws (worst 1.24x the ratio alone), with it the worst of
+      80 draws is 0.77x. A wrong term errs by O(1) of the largest entry, far above the floor.
     - float32: fp32 errs from rounding of long sums (~1e-6 of the largest entry) and from the
       conditioning of the positional logits (|w . r| reaches 10^2, so exp arguments carry ~|z| 2^-24
       absolute error), which dominates grad_pos_weight (a sum of dZ * r with r up to rows^2 + cols^2,
@@ -114,7 +118,8 @@ def assert_within_reference_rule(name, got, want, ref_err, dtype, gradient, cont
         allowed = (20.0 if gradient else 10.0) * ref_err + 2e-5 * max(1.0, want.abs().max().item())
         assert_close(got, want, atol=allowed, name=name)
     elif dtype in (torch.float16, torch.bfloat16):
-        allowed = (3.0 if gradient else 2.0) * ref_err + 1e-6
+        unit_roundoff = torch.finfo(dtype).eps / 2
+        allowed = (3.0 if gradient else 2.0) * ref_err + unit_roundoff * want.abs().max().item() + 1e-6
         err = max_error(got, want)
         assert err <= allowed, f"{name}: max error {err:.3e} > allowed {allowed:.3e} ({dtype}{context})"
     else:

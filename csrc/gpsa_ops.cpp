@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 extern "C" {
 // `import convit_kernels._C` only needs a module object; loading the library runs the registrations.
@@ -24,7 +25,8 @@ PyObject* PyInit__C(void) {
 }
 
 namespace convit_kernels::cpu {
-std::string cpu_isa();  // csrc/cpu/gpsa_cpu_rows.cpp
+std::string cpu_isa();                      // csrc/cpu/gpsa_cpu_isa.cpp
+std::vector<std::string> cpu_isa_levels();  // csrc/cpu/gpsa_cpu_isa.cpp
 }
 
 namespace {
@@ -45,6 +47,8 @@ TORCH_LIBRARY(convit_kernels, m) {
         "Tensor grad_pos_weight, Tensor grad_gating)");
   // Whether this build compiled the CUDA kernels (CONVIT_WITH_CUDA).
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  // Which float row kernels the CPU ops run: "avx512" or "portable" (see csrc/cpu/gpsa_cpu.h).
+  // The ISA level the CPU ops run at ("avx512", "avx2" or "portable"; csrc/cpu/gpsa_cpu.h), and the
+  // levels this CPU and build can run (CONVIT_KERNELS_CPU_ISA picks one of them).
   m.def("cpu_isa() -> str", &convit_kernels::cpu::cpu_isa);
+  m.def("cpu_isa_levels() -> str[]", &convit_kernels::cpu::cpu_isa_levels);
 }

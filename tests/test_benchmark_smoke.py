@@ -37,6 +37,11 @@ def test_benchmark_json_and_report(tmp_path):
     data = json.loads(json_path.read_text())
     info = data["machine_info"]["convit"]
     assert info["torch"] and info["device"] == "cpu" and "command" in info
+    # The CPU model and the level of the cpu backend (the subprocess inherits this process's environment).
+    import torch
+
+    import convit_kernels  # noqa: F401 - loads the ops
+    assert info["cpu_isa"] == torch.ops.convit_kernels.cpu_isa() and info["cpu_model"], info
     assert data["commit_info"].get("id"), "pytest-benchmark recorded no commit"
     benches = {b["extra_info"]["provider"]: b for b in data["benchmarks"]}
     assert set(benches) == {"composed", "sdpa"}
@@ -51,3 +56,4 @@ def test_benchmark_json_and_report(tmp_path):
     assert "### The GPSA op" in table and info["torch"] in table
     assert "| convit_tiny (4) | 8 | fwd_bwd | composed (SDPA + positional matmul) |" in table
     assert "| 1.00x |" in table  # the composed row against itself
+    assert f"cpu backend ISA level **{info['cpu_isa']}**" in table and info["cpu_model"] in table

@@ -1,5 +1,6 @@
 """The fused C++ CPU kernel (backend "cpu", ops convit_kernels::gpsa_fwd / gpsa_bwd) against the reference."""
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -255,39 +256,89 @@ def test_cuda_backend_says_why_it_is_unavailable(monkeypatch):
             assert "torch.cuda.is_available() is False" in status
 
 
-def _cpu_has_avx512():
+def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "avx512f" in flags and "avx512dq" in flags
+        return set()
+
+
+def _expected_levels():
+    """The ISA levels of csrc/cpu/gpsa_cpu.h that this CPU supports, lowest first, from /proc/cpuinfo."""
+    levels = ["portable"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = _cpu_flags()
+        if {"avx2", "fma"} <= flags:
+            levels.append("avx2")
+            if {"avx512f", "avx512dq"} <= flags:
+                levels.append("avx512")
+    return levels
+
+
+def _isa_in_subprocess(**env):
+    """cpu_isa() and the warnings of a fresh process with ``env`` added (the level is chosen once per process)."""
+    code = ("import warnings, torch, convit_kernels\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    try:\n"
+            "        print(torch.ops.convit_kernels.cpu_isa())\n"
+            "    except ValueError as err:\n"
+            "        print('ValueError:', err)\n"
+            "print('|'.join(str(x.message) for x in w))\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("CONVIT_KERNELS_CPU_ISA", "CONVIT_KERNELS_CPU_PORTABLE")}
+    res = subprocess.run([sys.executable, "-c", code], env=dict(full, **env), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    return lines[0], "\n".join(lines[1:])
 
 
 @needs_cpu
-def test_cpu_isa_follows_the_cpu_and_the_override():
-    isa = torch.ops.convit_kernels.cpu_isa()
-    if os.environ.get("CONVIT_KERNELS_CPU_PORTABLE") == "1" or not _cpu_has_avx512():
-        assert isa == "portable"
-    else:
-        assert isa == "avx512"
+def test_cpu_isa_levels_follow_the_cpu():
+    assert list(torch.ops.convit_kernels.cpu_isa_levels()) == _expected_levels()
+    forced = os.environ.get("CONVIT_KERNELS_CPU_ISA") or (
+        "portable" if os.environ.get("CONVIT_KERNELS_CPU_PORTABLE") == "1" else None)
+    want = forced if forced in _expected_levels() else _expected_levels()[-1]
+    assert torch.ops.convit_kernels.cpu_isa() == want
+    assert f"ISA level {want} (this CPU supports {', '.join(_expected_levels())};" in ck.backend_report("cpu")["cpu"]
 
 
 @needs_cpu
-def test_portable_row_kernels_pass_the_accuracy_tests():
-    """The portable loops (what CPUs without AVX-512 run) pass this file's accuracy and determinism tests.
+def test_cpu_isa_override():
+    """CONVIT_KERNELS_CPU_ISA picks any supported level; the older CONVIT_KERNELS_CPU_PORTABLE=1 means portable;
+    a level the CPU lacks falls back to the best one with a warning; an unknown name is a ValueError."""
+    levels = _expected_levels()
+    assert _isa_in_subprocess()[0] == levels[-1]
+    assert _isa_in_subprocess(CONVIT_KERNELS_CPU_ISA="best")[0] == levels[-1]
+    for level in levels[:-1]:
+        assert _isa_in_subprocess(CONVIT_KERNELS_CPU_ISA=level)[0] == level
+    assert _isa_in_subprocess(CONVIT_KERNELS_CPU_PORTABLE="1")[0] == "portable"
+    if levels[-1] != "avx512":
+        isa, warned = _isa_in_subprocess(CONVIT_KERNELS_CPU_ISA="avx512")
+        assert isa == levels[-1] and "above what this CPU supports" in warned
+    out, _ = _isa_in_subprocess(CONVIT_KERNELS_CPU_ISA="sse9")
+    assert out.startswith("ValueError:") and "CONVIT_KERNELS_CPU_ISA" in out and "sse9" in out
 
-    The row kernels are chosen once per process, so the tests rerun in a subprocess with
-    CONVIT_KERNELS_CPU_PORTABLE=1; this test runs them only where the main process uses AVX-512.
-    """
-    if torch.ops.convit_kernels.cpu_isa() == "portable":
-        pytest.skip("this process already runs the portable row kernels: the tests above covered them")
-    env = dict(os.environ, CONVIT_KERNELS_CPU_PORTABLE="1")
-    code = "import torch, convit_kernels; print(torch.ops.convit_kernels.cpu_isa())"
-    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert probe.stdout.strip() == "portable", probe.stderr
-    selected = "float64_matches or low_precision or float32_as_accurate or deterministic or convit_tiny_cpu"
-    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", selected],
+
+# The accuracy tests whose results depend on the level: the float rows (float32, and float16 / bfloat16,
+# which accumulate in float). float64 runs the same loops at every level.
+_LEVEL_TESTS = "low_precision or float32_as_accurate or deterministic or convit_tiny_cpu"
+
+
+@needs_cpu
+@pytest.mark.parametrize("level", ["portable", "avx2", "avx512"])
+def test_every_level_passes_the_accuracy_tests(level):
+    """The float accuracy and determinism tests of this file at every level the CPU supports but this process
+    does not run (the level is chosen once per process: they rerun in a subprocess)."""
+    if level not in _expected_levels():
+        pytest.skip(f"this CPU cannot run the {level} kernels (its levels: {_expected_levels()})")
+    if torch.ops.convit_kernels.cpu_isa() == level:
+        pytest.skip(f"this process runs the {level} kernels: the tests above covered them")
+    env = dict(os.environ, CONVIT_KERNELS_CPU_ISA=level)
+    env.pop("CONVIT_KERNELS_CPU_PORTABLE", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+                          f"({_LEVEL_TESTS}) or test_cpu_isa_levels_follow_the_cpu"],
                          env=env, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-4000:] + res.stderr[-2000:]
 

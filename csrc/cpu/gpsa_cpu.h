@@ -1,7 +1,7 @@
 // Shared pieces of the fused GPSA CPU kernels (forward: gpsa_fwd_cpu.cpp, backward: gpsa_bwd_cpu.cpp).
 // The files, one role each: gpsa_cpu_matmul.cpp (the matrix products), gpsa_cpu_rows.cpp (the portable
-// row kernels, their exp polynomial, and cpu_isa: which row kernels run), gpsa_rows_avx512.cpp (the
-// AVX-512 row kernels), gpsa_cpu_pos_table.cpp (the positional probabilities), gpsa_cpu_scratch.cpp
+// row kernels, their exp polynomial, and the dispatch by ISA level), gpsa_cpu_isa.cpp (which level
+// runs), gpsa_rows_avx512.cpp and gpsa_rows_avx2.cpp (the intrinsic row kernels), gpsa_cpu_pos_table.cpp (the positional probabilities), gpsa_cpu_scratch.cpp
 // (per-thread scratch memory), gpsa_cpu_ops.cpp (the CPU registration of the ops).
 //
 // Layout of the work: one task owns (batch b, head h, a block of query rows) and keeps whole key
@@ -12,9 +12,8 @@
 // measured, libtorch's MKL ran AVX2 code at about half its GFLOP/s), double ones to libtorch's BLAS.
 // Operands that a product needs transposed (K^T, V^T, Q_blk^T, ...) are copied once per (b, h) or
 // block: O(N D) against the products' O(N^2 D). The row-wise softmax / mixing / backward algebra
-// runs in AVX-512 intrinsics (gpsa_rows_avx512.cpp) or, without AVX-512, in loops that the compiler
-// vectorises for AVX2 or baseline x86-64 (target_clones), with a polynomial exp instead of the
-// scalar libm call.
+// runs in AVX-512 or AVX2 intrinsics (gpsa_rows_avx512.cpp, gpsa_rows_avx2.cpp) or in portable loops
+// that the compiler vectorises, by ISA level (below), with a polynomial exp instead of libm's.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +28,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace convit_kernels::cpu {
 
@@ -73,17 +73,27 @@ void bwd_row(double* s, double lse, const double* ppos, const double* rbar, doub
 // fraction of the float-to-double conversions, which cost as much as the arithmetic they sum.
 constexpr int64_t kSumChunk = 128;
 
-// The float row kernels and transpose tiles have AVX-512 versions (gpsa_rows_avx512.cpp) on x86-64
-// with GCC or Clang. cpu_isa() says which ones run: "avx512" where the CPU has AVX-512 F and DQ, else
-// (or with CONVIT_KERNELS_CPU_PORTABLE=1 in the environment, read once) "portable": the loops of
-// gpsa_cpu_rows.cpp, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// The ISA levels of the float row kernels and transpose tiles, lowest first (gpsa_cpu_isa.cpp):
+//   portable  the loops of gpsa_cpu_rows.cpp, compiled for the baseline of the target (x86-64: SSE2;
+//             aarch64: NEON, which GCC vectorises for without flags);
+//   avx2      AVX2 + FMA intrinsics (gpsa_rows_avx2.cpp), x86-64 only;
+//   avx512    AVX-512 F + DQ intrinsics (gpsa_rows_avx512.cpp), x86-64 only.
+// The intrinsic files compile their functions for their ISA by target attributes (the rest of the
+// extension is built for the baseline), so one build runs on every x86-64 CPU. cpu_level() is the
+// best level the CPU supports, or the lower one named by CONVIT_KERNELS_CPU_ISA (avx512 | avx2 |
+// portable | best; CONVIT_KERNELS_CPU_PORTABLE=1 is the older spelling of portable), read once.
+// The matrix products are not part of the level: they go to oneDNN / MKL, which pick their own ISA
+// (ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS cap them).
 #if defined(__GNUC__) && defined(__x86_64__)
-#define CONVIT_HAVE_AVX512_ROWS 1
+#define CONVIT_HAVE_X86_ROWS 1
 #else
-#define CONVIT_HAVE_AVX512_ROWS 0
+#define CONVIT_HAVE_X86_ROWS 0
 #endif
-std::string cpu_isa();
-#if CONVIT_HAVE_AVX512_ROWS
+enum class CpuLevel : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+CpuLevel cpu_level();
+std::string cpu_isa();                      // the name of cpu_level()
+std::vector<std::string> cpu_isa_levels();  // the levels this CPU and build can run, lowest first
+#if CONVIT_HAVE_X86_ROWS
 namespace avx512 {
 float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate);
 void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
@@ -91,6 +101,13 @@ void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* d
 void transpose_tile16(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
                       float alpha);
 }  // namespace avx512
+namespace avx2 {
+float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate);
+void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
+             const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc);
+void transpose_tile8(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
+                     float alpha);
+}  // namespace avx2
 #endif
 
 // The positional probabilities of a call. They do not depend on the batch: computed once per call
@@ -148,8 +165,8 @@ inline void store_rows(const A* src, int64_t rows, int64_t D, T* dst, int64_t ld
 }
 
 // dst (cols x rows, row stride ldd) = alpha * src^T, src (rows x cols, row stride lds), converted to
-// Dst. The float -> float overload (gpsa_cpu_rows.cpp) moves 16 x 16 tiles through AVX-512
-// registers when cpu_isa() is "avx512"; this template is the plain loop for the other types.
+// Dst. The float -> float overload (gpsa_cpu_rows.cpp) moves 16 x 16 tiles through AVX-512 registers
+// or 8 x 8 tiles through AVX2 registers, by cpu_level(); this template is the plain loop.
 template <typename Src, typename Dst>
 inline void transpose_copy(const Src* src, int64_t rows, int64_t cols, int64_t lds, Dst* dst, int64_t ldd,
                            at::opmath_type<Src> alpha) {

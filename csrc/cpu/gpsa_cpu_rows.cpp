@@ -1,6 +1,7 @@
 // The row kernels of the CPU ops (positional softmax, softmax-and-mix, the backward's row algebra)
-// in portable loops, with the exp polynomial they share, and the choice between these loops and the
-// AVX-512 versions of gpsa_rows_avx512.cpp (cpu_isa). See gpsa_cpu.h for the layout of the work.
+// in portable loops, with the exp polynomial they share, and the dispatch by ISA level (cpu_level)
+// between these loops and the intrinsic versions of gpsa_rows_avx2.cpp / gpsa_rows_avx512.cpp. See
+// gpsa_cpu.h for the layout of the work and the levels.
 #include "gpsa_cpu.h"
 
 #include <algorithm>
@@ -9,10 +10,10 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define CONVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CONVIT_CLONES
+#if CONVIT_HAVE_X86_ROWS
+// The portable loops that have no intrinsic version are compiled once per level with these.
+#define CONVIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CONVIT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 #endif
 #define CONVIT_INLINE inline __attribute__((always_inline))
 
@@ -149,70 +150,89 @@ CONVIT_INLINE void bwd_row_t(T* s, T lse, const T* ppos, const T* rbar, T* dm, c
 
 }  // namespace
 
-std::string cpu_isa() {
-  static const std::string isa = [] {
-#if CONVIT_HAVE_AVX512_ROWS
-    const char* portable = std::getenv("CONVIT_KERNELS_CPU_PORTABLE");
-    const bool forced = portable != nullptr && std::string(portable) == "1";
-    if (!forced && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return "avx512";
-#endif
-    return "portable";
-  }();
-  return isa;
-}
-
 namespace {
-bool use_avx512() {
-  static const bool on = cpu_isa() == "avx512";
-  return on;
+CpuLevel level() {
+  static const CpuLevel l = cpu_level();
+  return l;
 }
 }  // namespace
 
 void transpose_copy(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd,
                     float alpha) {
-#if CONVIT_HAVE_AVX512_ROWS
-  if (use_avx512()) {
+#if CONVIT_HAVE_X86_ROWS
+  if (level() == CpuLevel::kAvx512) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16)
       for (int64_t c0 = 0; c0 < cols; c0 += 16)
         avx512::transpose_tile16(src + r0 * lds + c0, std::min<int64_t>(16, rows - r0),
                                  std::min<int64_t>(16, cols - c0), lds, dst + c0 * ldd + r0, ldd, alpha);
     return;
   }
+  if (level() == CpuLevel::kAvx2) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 8)
+      for (int64_t c0 = 0; c0 < cols; c0 += 8)
+        avx2::transpose_tile8(src + r0 * lds + c0, std::min<int64_t>(8, rows - r0), std::min<int64_t>(8, cols - c0),
+                              lds, dst + c0 * ldd + r0, ldd, alpha);
+    return;
+  }
 #endif
   transpose_copy<float, float>(src, rows, cols, lds, dst, ldd, alpha);  // the header's plain loop
 }
 
-// Float rows: the portable loops, compiled for three ISAs (target_clones), or their AVX-512 versions.
+// Float rows: the intrinsic versions at their level; the positional rows (once per call, not per
+// batch element) are the portable loops compiled for the level's ISA.
 namespace {
-CONVIT_CLONES float portable_softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
-  return softmax_mix_row_t<float>(s, ppos, n, gate);
-}
-CONVIT_CLONES void portable_bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm,
-                                    const float* colj, const float* rowj, float coli, float rowi, int64_t n,
-                                    float gate, float scale, double* acc) {
-  bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
-}
-}  // namespace
-CONVIT_CLONES void pos_softmax_row(const float* w, const float* colj, const float* rowj, float coli, float rowi,
-                                   int64_t n, float* out) {
+#if CONVIT_HAVE_X86_ROWS
+CONVIT_TARGET_AVX2 void pos_softmax_row_avx2(const float* w, const float* colj, const float* rowj, float coli,
+                                             float rowi, int64_t n, float* out) {
   pos_softmax_row_t<float>(w, colj, rowj, coli, rowi, n, out);
 }
-CONVIT_CLONES void pos_row_mean(const float* ppos, const float* colj, const float* rowj, float coli, float rowi,
-                                int64_t n, float* rbar) {
+CONVIT_TARGET_AVX512 void pos_softmax_row_avx512(const float* w, const float* colj, const float* rowj, float coli,
+                                                 float rowi, int64_t n, float* out) {
+  pos_softmax_row_t<float>(w, colj, rowj, coli, rowi, n, out);
+}
+CONVIT_TARGET_AVX2 void pos_row_mean_avx2(const float* ppos, const float* colj, const float* rowj, float coli,
+                                          float rowi, int64_t n, float* rbar) {
+  pos_row_mean_t<float>(ppos, colj, rowj, coli, rowi, n, rbar);
+}
+CONVIT_TARGET_AVX512 void pos_row_mean_avx512(const float* ppos, const float* colj, const float* rowj, float coli,
+                                              float rowi, int64_t n, float* rbar) {
+  pos_row_mean_t<float>(ppos, colj, rowj, coli, rowi, n, rbar);
+}
+#endif
+}  // namespace
+
+void pos_softmax_row(const float* w, const float* colj, const float* rowj, float coli, float rowi, int64_t n,
+                     float* out) {
+#if CONVIT_HAVE_X86_ROWS
+  if (level() == CpuLevel::kAvx512) return pos_softmax_row_avx512(w, colj, rowj, coli, rowi, n, out);
+  if (level() == CpuLevel::kAvx2) return pos_softmax_row_avx2(w, colj, rowj, coli, rowi, n, out);
+#endif
+  pos_softmax_row_t<float>(w, colj, rowj, coli, rowi, n, out);
+}
+void pos_row_mean(const float* ppos, const float* colj, const float* rowj, float coli, float rowi, int64_t n,
+                  float* rbar) {
+#if CONVIT_HAVE_X86_ROWS
+  if (level() == CpuLevel::kAvx512) return pos_row_mean_avx512(ppos, colj, rowj, coli, rowi, n, rbar);
+  if (level() == CpuLevel::kAvx2) return pos_row_mean_avx2(ppos, colj, rowj, coli, rowi, n, rbar);
+#endif
   pos_row_mean_t<float>(ppos, colj, rowj, coli, rowi, n, rbar);
 }
 float softmax_mix_row(float* s, const float* ppos, int64_t n, float gate) {
-#if CONVIT_HAVE_AVX512_ROWS
-  if (use_avx512()) return avx512::softmax_mix_row(s, ppos, n, gate);
+#if CONVIT_HAVE_X86_ROWS
+  if (level() == CpuLevel::kAvx512) return avx512::softmax_mix_row(s, ppos, n, gate);
+  if (level() == CpuLevel::kAvx2) return avx2::softmax_mix_row(s, ppos, n, gate);
 #endif
-  return portable_softmax_mix_row(s, ppos, n, gate);
+  return softmax_mix_row_t<float>(s, ppos, n, gate);
 }
 void bwd_row(float* s, float lse, const float* ppos, const float* rbar, float* dm, const float* colj,
              const float* rowj, float coli, float rowi, int64_t n, float gate, float scale, double* acc) {
-#if CONVIT_HAVE_AVX512_ROWS
-  if (use_avx512()) return avx512::bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
+#if CONVIT_HAVE_X86_ROWS
+  if (level() == CpuLevel::kAvx512)
+    return avx512::bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
+  if (level() == CpuLevel::kAvx2)
+    return avx2::bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
 #endif
-  portable_bwd_row(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
+  bwd_row_t<float>(s, lse, ppos, rbar, dm, colj, rowj, coli, rowi, n, gate, scale, acc);
 }
 
 // Double rows: the same loops, with libm's exp (no AVX-512 version).

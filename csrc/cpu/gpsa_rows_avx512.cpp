@@ -1,13 +1,13 @@
 // AVX-512 versions of the float row kernels of gpsa_cpu.h and of the 16 x 16 transpose tile, written
 // with intrinsics in functions compiled for AVX-512 by target attributes (the rest of the extension is
-// built for baseline x86-64) and chosen at run time by cpu_isa(). At ConViT's N = 196 a row is 12
+// built for baseline x86-64) and chosen at run time by cpu_level(). At ConViT's N = 196 a row is 12
 // vectors and a tail; GCC's auto-vectorised loops spent as long in masked tails, serial lane-by-lane
 // reductions and clamp blends as in the arithmetic. Same formulas as the portable loops in
 // gpsa_cpu_rows.cpp (the same exp polynomial, float sums over chunks of kSumChunk elements added in
-// double), so both paths agree to rounding; tests run both (CONVIT_KERNELS_CPU_PORTABLE=1).
+// double), so every level agrees to rounding; tests run every level (CONVIT_KERNELS_CPU_ISA).
 #include "gpsa_cpu.h"
 
-#if CONVIT_HAVE_AVX512_ROWS
+#if CONVIT_HAVE_X86_ROWS
 
 #include <immintrin.h>
 
@@ -184,4 +184,4 @@ CONVIT_AVX512 void transpose_tile16(const float* src, int64_t rows, int64_t cols
 
 }  // namespace convit_kernels::cpu::avx512
 
-#endif  // CONVIT_HAVE_AVX512_ROWS
+#endif  // CONVIT_HAVE_X86_ROWS
